@@ -1,0 +1,143 @@
+"""Input checks for the EMIM op: one place, run before anything is computed or launched.
+
+Every error names the argument, what it got and what was expected, so a user who wires the op into
+their own model sees at once which tensor is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_WINDOW, MAX_WINDOW = 3, 15
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class EMIMShape:
+    """The sizes of one EMIM call, read off q and rpb."""
+
+    batch: int
+    frames: int
+    height: int
+    width: int
+    heads: int
+    head_dim: int
+    window: int
+
+    @property
+    def radius(self) -> int:
+        return self.window // 2
+
+    @property
+    def window_area(self) -> int:  # K², the length of one affinity row
+        return self.window * self.window
+
+    @property
+    def hidden(self) -> int:  # width of the motion MLP's hidden layer, 4K²
+        return 4 * self.window_area
+
+    @property
+    def pairs(self) -> int:
+        """Number of (query frame, key frame) pairs that are actually computed.
+
+        Frames 0..T-2 pair with their successor and output frame T-1 copies frame T-2, so T-1 pairs;
+        a single frame (T = 1) attends to itself, one pair.
+        """
+        return max(self.frames - 1, 1)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"emim_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"emim_attention: {name} must be a floating-point tensor (float32, float16, bfloat16), "
+            f"got {t.dtype}"
+        )
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"emim_attention: {name} has unsupported dtype {t.dtype}; "
+                        f"expected one of float32, float16, bfloat16 (float64 on the reference path)")
+
+
+def _require_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(
+            f"emim_attention: {name} must have shape {meaning} = {tuple(expected)}, got {_describe(t)}"
+        )
+
+
+def check_inputs(q, k, v, rpb, w1, b1, w2, b2) -> EMIMShape:
+    """Validate the eight inputs of `emim_attention` and return their sizes.
+
+    q, k, v: (B, T, H, W, heads, D), any strides with stride(-1) == 1, one dtype among them.
+    rpb: (heads, K, K) with K odd in 3..15.  w1: (4K², K²), b1: (4K²,), w2: (D, 4K²), b2: (D,).
+    Parameters may be float32 or the activations' dtype (mixed precision keeps float32 master weights).
+    """
+    tensors = dict(q=q, k=k, v=v, rpb=rpb, w1=w1, b1=b1, w2=w2, b2=b2)
+    for name, t in tensors.items():
+        _require_tensor(name, t)
+
+    if q.dim() != 6:
+        raise ValueError(
+            f"emim_attention: q must be 6-D (B, T, H, W, heads, D), got {q.dim()}-D {_describe(q)}"
+        )
+    B, T, H, W, heads, D = q.shape
+    if min(B, T, H, W, heads) < 1:
+        raise ValueError(f"emim_attention: q has an empty dimension: {_describe(q)}")
+    for name in ("k", "v"):
+        _require_shape(name, tensors[name], q.shape, "(B, T, H, W, heads, D) like q")
+        if tensors[name].dtype != q.dtype:
+            raise TypeError(
+                f"emim_attention: q, k and v must share one dtype, got q {q.dtype} and {name} "
+                f"{tensors[name].dtype}"
+            )
+    for name in ("q", "k", "v"):
+        if tensors[name].stride(-1) != 1:
+            raise ValueError(
+                f"emim_attention: {name} must have stride 1 along its last (head_dim) axis, got strides "
+                f"{tuple(tensors[name].stride())}; views such as qkv.view(B, T, H, W, 3, heads, D).unbind(4) "
+                f"are fine, a transposed head_dim is not"
+            )
+
+    if rpb.dim() != 3 or rpb.shape[0] != heads or rpb.shape[1] != rpb.shape[2]:
+        raise ValueError(
+            f"emim_attention: rpb must have shape (heads, K, K) = ({heads}, K, K), got {_describe(rpb)}"
+        )
+    K = rpb.shape[1]
+    if K % 2 == 0 or not (MIN_WINDOW <= K <= MAX_WINDOW):
+        raise ValueError(
+            f"emim_attention: the window K (from rpb of shape {tuple(rpb.shape)}) must be odd and in "
+            f"{MIN_WINDOW}..{MAX_WINDOW}, got K = {K}"
+        )
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM):
+        raise ValueError(
+            f"emim_attention: head_dim D (last axis of q) must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+            f"got D = {D}"
+        )
+
+    area, hidden = K * K, 4 * K * K
+    _require_shape("w1", w1, (hidden, area), "(4K², K²)")
+    _require_shape("b1", b1, (hidden,), "(4K²,)")
+    _require_shape("w2", w2, (D, hidden), "(D, 4K²)")
+    _require_shape("b2", b2, (D,), "(D,)")
+
+    for name, t in tensors.items():
+        if t.device != q.device:
+            raise ValueError(
+                f"emim_attention: all inputs must be on one device; q is on {q.device} but {name} is on "
+                f"{t.device}"
+            )
+    for name in ("rpb", "w1", "b1", "w2", "b2"):
+        t = tensors[name]
+        if t.dtype not in (torch.float32, q.dtype):
+            raise TypeError(
+                f"emim_attention: {name} must be float32 or q's dtype ({q.dtype}), got {t.dtype}"
+            )
+    return EMIMShape(B, T, H, W, heads, D, K)

@@ -1,0 +1,53 @@
+"""`emim_attention`: the public op, and the choice between the fused kernels and the reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checks import check_inputs
+from .reference import emim_reference
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), else 'reference'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"emim_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+        return "triton"
+    return "reference"
+
+
+def emim_attention(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, backend="auto"):
+    """EMIM attention: next-frame local window attention plus motion features from the cost volume.
+
+    Args:
+        q, k, v: (B, T, H, W, heads, D), any strides with stride 1 along D (e.g. the three views
+            ``qkv.view(B, T, H, W, 3, heads, D).unbind(4)`` of a qkv projection, read without copies).
+        rpb: (heads, K, K) relative-position bias; K (odd, 3..15) is read from it.
+        w1 (4K², K²), b1 (4K²,), w2 (D, 4K²), b2 (D,): the motion MLP (nn.Linear convention).
+            float32 or q's dtype (mixed precision keeps float32 master weights).
+        scale: attention scale, default D ** -0.5.
+        pad_value: value of keys and values outside the frame (the authors' constant padding).
+        backend: "auto", "triton" (fused kernels) or "reference" (plain PyTorch).
+    Returns:
+        (B, T, H, W, heads, D) contiguous tensor in q's dtype; ``.view(B, T*H*W, heads*D)`` is free.
+    """
+    check_inputs(q, k, v, rpb, w1, b1, w2, b2)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if resolve_backend(backend, q.device) == "reference":
+        return emim_reference(q, k, v, rpb, w1, b1, w2, b2, scale=scale, pad_value=pad_value)
+    from .ops import emim_fused  # imported here: the reference path must not need a Triton build
+
+    return emim_fused(q, k, v, rpb, w1, b1, w2, b2, scale=float(scale), pad_value=float(pad_value))

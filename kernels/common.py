@@ -1,0 +1,68 @@
+"""Small Triton helpers shared by the EMIM kernels: tile positions, padded window loads, QuickGELU."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_positions(pid_tile, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row and column of each of the BLOCK_H*BLOCK_W positions of spatial tile `pid_tile` (row-major)."""
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W
+    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W
+    return y, x
+
+
+@triton.jit
+def load_rows(frame_ptr, y, x, H, W, stride_h, stride_w, channels, D):
+    """Load the D-vectors at positions (y, x) of one frame as float32; zero outside the frame.
+
+    Returns (rows, in_frame). Out-of-frame and padded channels read 0.  Upcasting right after the load
+    keeps all arithmetic in float32 (and avoids bf16 arithmetic, which the interpreter gets wrong).
+    """
+    in_frame = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    ptrs = frame_ptr + y[:, None] * stride_h + x[:, None] * stride_w + channels[None, :]
+    rows = tl.load(ptrs, mask=in_frame[:, None] & (channels[None, :] < D), other=0.0)
+    return rows.to(tl.float32), in_frame
+
+
+@triton.jit
+def load_padded_rows(frame_ptr, y, x, H, W, stride_h, stride_w, channels, D, pad_value):
+    """Like `load_rows`, but positions outside the frame read `pad_value` in every real channel.
+
+    This is the authors' constant padding of the key/value frame.  The pad is applied in float32 with a
+    `where` (loading with other=pad_value would round 1e-6 to the storage dtype first).
+    """
+    rows, in_frame = load_rows(frame_ptr, y, x, H, W, stride_h, stride_w, channels, D)
+    rows = tl.where(in_frame[:, None], rows, pad_value)
+    return rows
+
+
+@triton.jit
+def quick_gelu(z):
+    """QuickGELU(z) = z * sigmoid(1.702 z)."""
+    return z * tl.sigmoid(1.702 * z)
+
+
+@triton.jit
+def quick_gelu_grad(z):
+    """d/dz QuickGELU(z) = s + 1.702 z s (1 - s), with s = sigmoid(1.702 z)."""
+    s = tl.sigmoid(1.702 * z)
+    return s + 1.702 * z * s * (1.0 - s)
+
+
+@triton.jit
+def load_w1_transposed(w1_ptr, hidden_units, window_cols, WINDOW_AREA: tl.constexpr, HIDDEN: tl.constexpr):
+    """W1[hidden_units, :]^T as a (padded K², hidden chunk) float32 tile; padded entries are 0."""
+    mask = (window_cols[:, None] < WINDOW_AREA) & (hidden_units[None, :] < HIDDEN)
+    tile = tl.load(w1_ptr + hidden_units[None, :] * WINDOW_AREA + window_cols[:, None], mask=mask, other=0.0)
+    return tile.to(tl.float32)
+
+
+@triton.jit
+def load_w2_columns(w2_ptr, hidden_units, channels, D, HIDDEN: tl.constexpr):
+    """W2[:, hidden_units] as a (padded D, hidden chunk) float32 tile; padded entries are 0."""
+    mask = (channels[:, None] < D) & (hidden_units[None, :] < HIDDEN)
+    tile = tl.load(w2_ptr + channels[:, None] * HIDDEN + hidden_units[None, :], mask=mask, other=0.0)
+    return tile.to(tl.float32)

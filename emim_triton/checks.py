@@ -40,6 +40,11 @@ class EMIMShape:
         return 4 * self.window_area
 
     @property
+    def rows(self) -> int:
+        """Query rows actually computed: one per (batch, pair, y, x, head)."""
+        return self.batch * self.pairs * self.height * self.width * self.heads
+
+    @property
     def pairs(self) -> int:
         """Number of (query frame, key frame) pairs that are actually computed.
 

@@ -18,16 +18,25 @@ forward and backward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
 from .checks import EMIMShape
-from .configs import EMIMConfigs, default_configs, interpreter_configs, padded_head_dim, padded_window_area
+from .configs import (EMIMConfigs, RowConfig, TileConfig, default_configs, interpreter_configs, padded_head_dim,
+                      padded_window_area)
 from .functional import interpreter_enabled
 from .kernels.backward_key_value import emim_backward_key_value_kernel
 from .kernels.backward_query import emim_backward_query_kernel
 from .kernels.backward_weights import emim_backward_weights_kernel
 from .kernels.forward import emim_forward_kernel
+
+
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes is allocated here, uninitialised (tests fill it with NaN to catch
+    elements a kernel forgets to write)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -39,52 +48,116 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def frame_strides(t: torch.Tensor) -> tuple[int, ...]:
-    """Strides of a (B, T, H, W, heads, D) tensor along its first five axes (D's stride is 1)."""
-    return tuple(t.stride()[:5])
-
-
-def _tile_grid(shape: EMIMShape, block_h: int, block_w: int) -> tuple[int, int, int]:
-    tiles = triton.cdiv(shape.height, block_h) * triton.cdiv(shape.width, block_w)
-    return tiles, shape.heads, shape.batch * shape.pairs
-
-
-def _common_constexprs(shape: EMIMShape, dtype: torch.dtype) -> dict:
-    return dict(
-        WINDOW=shape.window,
-        WINDOW_PAD=padded_window_area(shape.window),
-        BLOCK_D=padded_head_dim(shape.head_dim),
-        DOT_PRECISION=dot_precision(dtype),
-    )
-
-
 def configs_for(shape: EMIMShape) -> EMIMConfigs:
     """The launch configurations for a shape (the autotuner's cache will slot in here)."""
     choose = interpreter_configs if interpreter_enabled() else default_configs
     return choose(shape.height, shape.width, shape.window, shape.head_dim)
 
 
-def key_frame_offset(shape: EMIMShape) -> int:
-    """Key frame = query frame + 1, or the query frame itself for a single frame."""
-    return 1 if shape.frames > 1 else 0
+@dataclass
+class KernelLaunch:
+    """One kernel launch, fully described: kernel, grid, runtime arguments and compile-time choices.
+
+    The op runs these; the AOT-compile test and the autotuner build the same launches (on meta
+    tensors) and compile or time them, so argument lists exist in exactly one place.
+    """
+
+    kernel: object
+    grid: tuple
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
+
+
+def _strides(prefix: str, t: torch.Tensor) -> dict:
+    """Strides of a (B, T, H, W, heads, D) tensor along its first five axes (D's stride is 1)."""
+    names = ("b", "t", "y", "x", "n")
+    return {f"stride_{prefix}{axis}": stride for axis, stride in zip(names, t.stride()[:5])}
+
+
+def _frame_args(shape: EMIMShape) -> dict:
+    return dict(T=shape.frames, H=shape.height, W=shape.width, HEADS=shape.heads, D=shape.head_dim,
+                num_pairs=shape.pairs, key_frame_offset=1 if shape.frames > 1 else 0)
+
+
+def _tile_grid(shape: EMIMShape, cfg: TileConfig) -> tuple[int, int, int]:
+    tiles = triton.cdiv(shape.height, cfg.block_h) * triton.cdiv(shape.width, cfg.block_w)
+    return tiles, shape.heads, shape.batch * shape.pairs
+
+
+def _window_constexprs(shape: EMIMShape, dtype: torch.dtype) -> dict:
+    return dict(WINDOW=shape.window, WINDOW_PAD=padded_window_area(shape.window),
+                BLOCK_D=padded_head_dim(shape.head_dim), DOT_PRECISION=dot_precision(dtype))
+
+
+def forward_launch(q, k, v, rpb, w1, b1, w2, b2, out, lse, shape, scale, pad_value, cfg: TileConfig,
+                   store_lse: bool) -> KernelLaunch:
+    return KernelLaunch(
+        emim_forward_kernel, _tile_grid(shape, cfg),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2,
+             out_ptr=out, lse_ptr=lse, **_strides("q", q), **_strides("k", k), **_strides("v", v),
+             **_frame_args(shape), scale=scale, pad_value=pad_value),
+        dict(**_window_constexprs(shape, q.dtype), **cfg.constexprs(), STORE_LSE=store_lse),
+        cfg.num_warps, cfg.num_stages,
+    )
+
+
+def backward_query_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity, shape, scale,
+                          pad_value, cfg: TileConfig) -> KernelLaunch:
+    return KernelLaunch(
+        emim_backward_query_kernel, _tile_grid(shape, cfg),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, grad_ptr=grad_pairs,
+             lse_ptr=lse, dq_ptr=dq, affinity_ptr=affinity, d_affinity_ptr=d_affinity,
+             **_strides("q", q), **_strides("k", k), **_strides("v", v), **_frame_args(shape),
+             scale=scale, pad_value=pad_value),
+        dict(**_window_constexprs(shape, q.dtype), **cfg.constexprs()),
+        cfg.num_warps, cfg.num_stages,
+    )
+
+
+def backward_key_value_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape, scale,
+                              cfg: TileConfig) -> KernelLaunch:
+    return KernelLaunch(
+        emim_backward_key_value_kernel, _tile_grid(shape, cfg),
+        dict(q_ptr=q, k_ptr=k, rpb_ptr=rpb, grad_ptr=grad_pairs, lse_ptr=lse, d_affinity_ptr=d_affinity,
+             dk_ptr=dk, dv_ptr=dv, **_strides("q", q), **_strides("k", k), **_frame_args(shape), scale=scale),
+        dict(WINDOW=shape.window, BLOCK_D=padded_head_dim(shape.head_dim), BLOCK_H=cfg.block_h,
+             BLOCK_W=cfg.block_w),
+        cfg.num_warps, cfg.num_stages,
+    )
+
+
+def weight_partial_programs(shape: EMIMShape, cfg: RowConfig) -> int:
+    """How many partial sums the weights kernel writes: the config's count, fewer for few rows."""
+    return max(1, min(cfg.programs, triton.cdiv(shape.rows, cfg.block_rows)))
+
+
+def backward_weights_launch(affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_partial, dw2_partial, shape,
+                            dtype, cfg: RowConfig) -> KernelLaunch:
+    programs = dw1_partial.shape[0]
+    return KernelLaunch(
+        emim_backward_weights_kernel, (triton.cdiv(shape.hidden, cfg.hidden_chunk), programs),
+        dict(affinity_ptr=affinity, grad_ptr=grad_pairs, w1_ptr=w1, b1_ptr=b1, w2_ptr=w2,
+             dw1_partial_ptr=dw1_partial, db1_partial_ptr=db1_partial, dw2_partial_ptr=dw2_partial,
+             rows=shape.rows, D=shape.head_dim, programs=programs),
+        dict(**_window_constexprs(shape, dtype), **cfg.constexprs()),
+        cfg.num_warps, cfg.num_stages,
+    )
 
 
 def forward(q, k, v, rpb, w1, b1, w2, b2, shape: EMIMShape, scale: float, pad_value: float,
             store_lse: bool, configs: EMIMConfigs | None = None):
     """Run the forward kernel. Returns (out, lse); lse is (B, pairs, H, W, heads) float32 or None."""
     configs = configs or configs_for(shape)
-    cfg = configs.forward
     B, T, H, W, heads, D = q.shape
-    out = torch.empty((B, T, H, W, heads, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, shape.pairs, H, W, heads), dtype=torch.float32, device=q.device) if store_lse else out
-    emim_forward_kernel[_tile_grid(shape, cfg.block_h, cfg.block_w)](
-        q, k, v, rpb, w1, b1, w2, b2, out, lse,
-        *frame_strides(q), *frame_strides(k), *frame_strides(v),
-        T, H, W, heads, D, shape.pairs, key_frame_offset(shape),
-        scale, pad_value,
-        **_common_constexprs(shape, q.dtype), **cfg.constexprs(), STORE_LSE=store_lse,
-        **cfg.launch_options(),
-    )
+    out = new_buffer((B, T, H, W, heads, D), q.dtype, q.device)
+    lse = new_buffer((B, shape.pairs, H, W, heads), torch.float32, q.device) if store_lse else out
+    forward_launch(q, k, v, rpb, w1, b1, w2, b2, out, lse, shape, scale, pad_value, configs.forward, store_lse)()
     return out, (lse if store_lse else None)
 
 
@@ -105,58 +178,65 @@ def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scal
     """Gradients for (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype."""
     configs = configs or configs_for(shape)
     B, T, H, W, heads, D = q.shape
-    area, hidden = shape.window_area, shape.hidden
     device = q.device
     grad_pairs = fold_last_frame_grad(grad_out, shape)
-    common = _common_constexprs(shape, q.dtype)
-    frame_args = (T, H, W, heads, D, shape.pairs, key_frame_offset(shape), scale, pad_value)
 
-    # Frames that are never a query (T-1) or never a key (0) get no gradient: zero them, write the rest.
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if T > 1:
+    dq, dk, dv = (new_buffer(q.shape, t.dtype, device) for t in (q, k, v))
+    if T > 1:  # frame T-1 is never a query and frame 0 never a key: no gradient there
         dq[:, T - 1].zero_()
         dk[:, 0].zero_()
         dv[:, 0].zero_()
-    scratch_shape = (B, shape.pairs, H, W, heads, area)
-    affinity = torch.empty(scratch_shape, dtype=torch.float32, device=device)
-    d_affinity = torch.empty(scratch_shape, dtype=torch.float32, device=device)
+    scratch_shape = (B, shape.pairs, H, W, heads, shape.window_area)
+    affinity = new_buffer(scratch_shape, torch.float32, device)
+    d_affinity = new_buffer(scratch_shape, torch.float32, device)
+    backward_query_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity, shape, scale,
+                          pad_value, configs.backward_query)()
+    backward_key_value_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape, scale,
+                              configs.backward_key_value)()
 
-    cfg = configs.backward_query
-    emim_backward_query_kernel[_tile_grid(shape, cfg.block_h, cfg.block_w)](
-        q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity,
-        *frame_strides(q), *frame_strides(k), *frame_strides(v),
-        *frame_args, **common, **cfg.constexprs(), **cfg.launch_options(),
-    )
+    programs = weight_partial_programs(shape, configs.backward_weights)
+    dw1_partial = new_buffer((programs, shape.hidden, shape.window_area), torch.float32, device)
+    db1_partial = new_buffer((programs, shape.hidden), torch.float32, device)
+    dw2_partial = new_buffer((programs, D, shape.hidden), torch.float32, device)
+    backward_weights_launch(affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_partial, dw2_partial, shape,
+                            q.dtype, configs.backward_weights)()
 
-    cfg = configs.backward_key_value
-    emim_backward_key_value_kernel[_tile_grid(shape, cfg.block_h, cfg.block_w)](
-        q, k, rpb, grad_pairs, lse, d_affinity, dk, dv,
-        *frame_strides(q), *frame_strides(k),
-        *frame_args, **common, **cfg.constexprs(), **cfg.launch_options(),
-    )
-
-    cfg = configs.backward_weights
-    rows = B * shape.pairs * H * W * heads
-    programs = max(1, min(cfg.programs, triton.cdiv(rows, cfg.block_rows)))
-    dw1_partial = torch.empty((programs, hidden, area), dtype=torch.float32, device=device)
-    db1_partial = torch.empty((programs, hidden), dtype=torch.float32, device=device)
-    dw2_partial = torch.empty((programs, D, hidden), dtype=torch.float32, device=device)
-    chunks = triton.cdiv(hidden, cfg.hidden_chunk)
-    emim_backward_weights_kernel[(chunks, programs)](
-        affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_partial, dw2_partial,
-        rows, D, programs,
-        WINDOW=shape.window, WINDOW_PAD=common["WINDOW_PAD"], BLOCK_D=common["BLOCK_D"],
-        DOT_PRECISION=common["DOT_PRECISION"], **cfg.constexprs(), **cfg.launch_options(),
-    )
-
-    # Fixed-order reductions (torch sums do not use atomics), then each gradient in its input's dtype.
-    dw1 = dw1_partial.sum(0)
-    db1 = db1_partial.sum(0)
-    dw2 = dw2_partial.sum(0)
-    db2 = grad_pairs.sum(dim=(0, 1, 2, 3, 4))
+    # Fixed-order reductions (torch sums use no atomics), then each gradient in its input's dtype.
     drpb = d_affinity.sum(dim=(0, 1, 2, 3)).view(heads, shape.window, shape.window)
-    return (dq, dk, dv, drpb.to(rpb.dtype), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype),
-            db2.to(b2.dtype))
+    db2 = grad_pairs.sum(dim=(0, 1, 2, 3, 4))
+    grads = (dq, dk, dv, drpb, dw1_partial.sum(0), db1_partial.sum(0), dw2_partial.sum(0), db2)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, rpb, w1, b1, w2, b2)))
 
+
+def example_launches(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs | None = None,
+                     param_dtype: torch.dtype = torch.float32, device="meta") -> dict[str, KernelLaunch]:
+    """The four launches the op makes for `shape`, on stand-in tensors (meta by default: no memory).
+
+    For compiling ahead of time (tests, autotuner pruning) and timing (autotuner, on a GPU device).
+    """
+    configs = configs or configs_for(shape)
+    B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
+    qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
+    q, k, v = qkv.view(B, T, H, W, 3, heads, D).unbind(4)  # the strided layout models pass in
+    area, hidden = shape.window_area, shape.hidden
+    rpb, w1, b1 = (torch.empty(s, dtype=param_dtype, device=device) for s in ((heads, shape.window, shape.window),
+                                                                              (hidden, area), (hidden,)))
+    w2, b2 = torch.empty((D, hidden), dtype=param_dtype, device=device), torch.empty((D,), dtype=param_dtype,
+                                                                                      device=device)
+    out = torch.empty((B, T, H, W, heads, D), dtype=dtype, device=device)
+    per_pair = lambda *tail: torch.empty((B, shape.pairs, H, W, heads, *tail), dtype=torch.float32, device=device)
+    lse, grad_pairs, scratch = per_pair(), per_pair(D), per_pair(area)
+    programs = weight_partial_programs(shape, configs.backward_weights)
+    partials = [torch.empty(s, dtype=torch.float32, device=device)
+                for s in ((programs, hidden, area), (programs, hidden), (programs, D, hidden))]
+    scale, pad_value = D ** -0.5, 1e-6
+    return {
+        "forward": forward_launch(q, k, v, rpb, w1, b1, w2, b2, out, lse, shape, scale, pad_value,
+                                  configs.forward, store_lse=True),
+        "backward_query": backward_query_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, out, scratch, scratch,
+                                                shape, scale, pad_value, configs.backward_query),
+        "backward_key_value": backward_key_value_launch(q, k, rpb, grad_pairs, lse, scratch, out, out, shape,
+                                                        scale, configs.backward_key_value),
+        "backward_weights": backward_weights_launch(scratch, grad_pairs, w1, b1, w2, *partials, shape, dtype,
+                                                    configs.backward_weights),
+    }

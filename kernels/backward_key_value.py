@@ -23,10 +23,8 @@ def emim_backward_key_value_kernel(
     stride_qb, stride_qt, stride_qy, stride_qx, stride_qn,
     stride_kb, stride_kt, stride_ky, stride_kx, stride_kn,
     T, H, W, HEADS, D, num_pairs, key_frame_offset,
-    scale, pad_value,
-    WINDOW: tl.constexpr, WINDOW_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HIDDEN_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    scale,
+    WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     WINDOW_AREA: tl.constexpr = WINDOW * WINDOW
     RADIUS: tl.constexpr = WINDOW // 2

@@ -1,0 +1,67 @@
+"""One home for what the tests share: random inputs, error measure and tolerances."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+GRAD_NAMES = ("q", "k", "v", "rpb", "w1", "b1", "w2", "b2")
+
+# float32 kernels vs the float64 reference, relative (Frobenius) error. Measured ~2e-7 on the
+# interpreter; on a GPU the products are "ieee" float32 too, so the same bound holds.
+FP32_KERNEL_RTOL = 1e-5
+
+
+def low_precision_bound(reference_error: float) -> float:
+    """Allowed error of the fused op in fp16/bf16, given the reference's own error in that dtype.
+
+    The kernels compute in float32 like the reference, so a GPU lands at ~1x the reference's error;
+    the interpreter truncates float32 -> bfloat16 on store where a GPU rounds to nearest, which doubles
+    the output rounding error (measured 2.0-2.1x). Hence 2x on a GPU, 2.5x in the interpreter.
+    """
+    factor = 2.5 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 2.0
+    return factor * reference_error + 1e-7
+
+
+def test_device() -> str:
+    """CUDA when present; else CPU tensors, which the interpreter runs (tests/conftest.py)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+test_device.__test__ = False  # a helper, not a test, despite its name
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (NaN anywhere makes it NaN, so tests fail)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, W, heads, D, K, *, dtype=torch.float32, device="cpu", qkv_views=False, seed=0,
+                param_dtype=torch.float32):
+    """The eight inputs of emim_attention, random and never zero, as a dict.
+
+    Biases and W2 are random non-zero (unlike the module's init) so that every path of the op matters.
+    qkv_views=True makes q, k, v the three strided views of one (B, T, H, W, 3, heads, D) tensor, as a
+    qkv projection produces them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0, dt=param_dtype):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dt)
+
+    if qkv_views:
+        qkv = randn(B, T * H * W, 3 * heads * D, dt=dtype).view(B, T, H, W, 3, heads, D)
+        q, k, v = qkv.unbind(4)
+    else:
+        q, k, v = (randn(B, T, H, W, heads, D, dt=dtype) for _ in range(3))
+    area = K * K
+    return dict(
+        q=q, k=k, v=v,
+        rpb=randn(heads, K, K, std=0.5),
+        w1=randn(4 * area, area, std=area ** -0.5),
+        b1=randn(4 * area, std=0.1),
+        w2=randn(D, 4 * area, std=(4 * area) ** -0.5),
+        b2=randn(D, std=0.1),
+    )

@@ -1,0 +1,133 @@
+"""The fused Triton kernels against the float64 reference: forward and all eight gradients.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (tests/conftest.py), so every
+shape here is tiny. Kernel-written buffers are filled with NaN before each launch, so an element a
+kernel forgets to write shows up as NaN and fails the comparison.
+"""
+
+import pytest
+import torch
+
+from emim_triton import emim_attention, emim_reference, triton_backend
+from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, low_precision_bound, make_inputs, relative_error,
+                     test_device)
+
+DEVICE = test_device()
+
+# (B, T, H, W, heads, D, K): T in {1, 2, 3}, H != W, H or W < K, K in {3, 5, 7}, D not a power of two.
+SHAPES = [
+    pytest.param((1, 1, 3, 2, 1, 16, 3), id="T1-self-attention-W<K"),
+    pytest.param((1, 2, 4, 5, 2, 16, 3), id="T2-two-heads"),
+    pytest.param((1, 3, 3, 5, 1, 32, 5), id="T3-H<K"),
+    pytest.param((2, 2, 2, 3, 2, 24, 5), id="B2-D24-frame-smaller-than-window"),
+    pytest.param((1, 2, 5, 4, 1, 16, 7), id="K7"),
+]
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_buffers(monkeypatch):
+    """Every buffer the kernels write starts as NaN (integer-free: all are floating point)."""
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_backend, "new_buffer", poisoned)
+
+
+def _fused_and_reference(inputs, grad_seed=1):
+    """Fused forward + backward, and the float64 reference forward + backward on the same values."""
+    fused_in = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    out = emim_attention(**fused_in, backend="triton")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
+    fused_grads = torch.autograd.grad(out, list(fused_in.values()), grad_out)
+
+    ref_in = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    ref_out = emim_reference(**ref_in)
+    ref_grads = torch.autograd.grad(ref_out, list(ref_in.values()), grad_out.double())
+    return out, fused_grads, ref_out, ref_grads
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_forward_and_gradients_match_float64_reference(shape):
+    inputs = make_inputs(*shape, dtype=torch.float32, device=DEVICE, seed=sum(shape))
+    out, grads, ref_out, ref_grads = _fused_and_reference(inputs)
+    assert out.shape == ref_out.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert relative_error(out, ref_out) < FP32_KERNEL_RTOL
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        assert grad.dtype == inputs[name].dtype, name
+        assert relative_error(grad, ref_grad) < FP32_KERNEL_RTOL, name
+
+
+def test_strided_qkv_views_are_read_in_place():
+    """q, k, v as the three strided views of one qkv projection output, no copies."""
+    inputs = make_inputs(1, 3, 4, 3, 2, 16, 3, dtype=torch.float32, device=DEVICE, qkv_views=True, seed=3)
+    assert not inputs["q"].is_contiguous() and inputs["q"].data_ptr() != inputs["k"].data_ptr()
+    out, grads, ref_out, ref_grads = _fused_and_reference(inputs)
+    assert relative_error(out, ref_out) < FP32_KERNEL_RTOL
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < FP32_KERNEL_RTOL, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_error_is_within_twice_the_references_own(dtype):
+    """Mixed precision as autocast produces it: low-precision q, k, v; float32 parameters."""
+    inputs = make_inputs(1, 3, 4, 5, 2, 16, 3, dtype=dtype, device=DEVICE, seed=11)
+    out, grads, ref_out, ref_grads = _fused_and_reference(inputs)
+
+    # The reference run in the same low precision: its error against float64 is the yardstick.
+    lp_in = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    lp_out = emim_reference(**lp_in)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    lp_grads = torch.autograd.grad(lp_out, list(lp_in.values()), grad_out)
+
+    assert out.dtype == dtype
+    assert relative_error(out, ref_out) <= low_precision_bound(relative_error(lp_out, ref_out))
+    for name, grad, lp_grad, ref_grad in zip(GRAD_NAMES, grads, lp_grads, ref_grads):
+        assert grad.dtype == inputs[name].dtype, name
+        assert relative_error(grad, ref_grad) <= low_precision_bound(relative_error(lp_grad, ref_grad)), name
+
+
+def test_parameters_in_activation_dtype_are_accepted():
+    inputs = make_inputs(1, 2, 3, 4, 1, 16, 3, dtype=torch.float16, device=DEVICE, seed=5)
+    inputs = {n: t.half() for n, t in inputs.items()}
+    out, grads, ref_out, _ = _fused_and_reference(inputs)
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    assert relative_error(out, ref_out) < 5e-3
+
+
+def test_backward_is_deterministic():
+    """The same inputs give bit-identical gradients run after run (no atomics anywhere)."""
+    inputs = make_inputs(1, 3, 4, 5, 2, 16, 3, dtype=torch.float32, device=DEVICE, seed=7)
+    first = _fused_and_reference(inputs)[1]
+    second = _fused_and_reference(inputs)[1]
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_nan_in_the_input_propagates_without_a_crash():
+    inputs = make_inputs(1, 2, 3, 3, 1, 16, 3, dtype=torch.float32, device=DEVICE, seed=9)
+    inputs["q"] = inputs["q"].clone()
+    inputs["q"][0, 0, 1, 1, 0, 0] = float("nan")
+    out = emim_attention(**inputs, backend="triton")
+    assert torch.isnan(out[0, 0, 1, 1, 0]).all()
+    assert torch.isnan(out[0, 1, 1, 1, 0]).all()  # the copied last frame too
+    assert not torch.isnan(out[0, 0, 0, 0, 0]).any()  # other queries are untouched
+
+
+def test_fused_op_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True), default Inductor backend, traces through the custom op forward and
+    backward (the op is opaque to Inductor: its fake implementation gives the output shapes)."""
+    inputs = make_inputs(1, 2, 3, 4, 1, 16, 3, dtype=torch.float32, device=DEVICE, seed=13)
+    inputs = {n: t.requires_grad_() for n, t in inputs.items()}
+
+    def attention_then_mean(q, k, v, rpb, w1, b1, w2, b2):
+        out = emim_attention(q, k, v, rpb, w1, b1, w2, b2, backend="triton")
+        return (out * out).mean()
+
+    compiled = torch.compile(attention_then_mean, fullgraph=True)
+    loss = compiled(**inputs)
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    eager_loss = attention_then_mean(**inputs)
+    eager_grads = torch.autograd.grad(eager_loss, list(inputs.values()))
+    assert torch.allclose(loss, eager_loss)
+    for name, a, b in zip(GRAD_NAMES, grads, eager_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name

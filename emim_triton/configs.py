@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# A tl.dot operand needs every dimension >= 16 on a GPU (the interpreter accepts less), so the query
-# tile, the padded window and the hidden chunk are all at least 16.
+import torch
+
+# On a GPU tl.dot needs its inner dimension >= 16 (the interpreter accepts less); we keep every dot
+# dimension (query tile, padded window, hidden chunk, padded D) >= 16 so all map onto tensor-core shapes.
 MIN_DOT_DIM = 16
 
 # Elements of the largest register-resident float32 tile (queries x padded K²) we allow by default:
@@ -95,9 +97,14 @@ class EMIMConfigs:
     backward_weights: RowConfig
 
 
+# Query tiles above 64 positions spill registers in the AOT compile (K=5: 128 queries x 32 channels of
+# q, context and the k/v rows of one displacement), so 64 is the ceiling until a GPU says otherwise.
+_MAX_TILE_POSITIONS = 64
+
+
 def _tile_for(height: int, width: int, window: int, budget: int) -> tuple[int, int]:
     """Largest power-of-two tile with >= 16 positions, <= budget / padded K², not much beyond the frame."""
-    max_positions = max(MIN_DOT_DIM, budget // padded_window_area(window))
+    max_positions = max(MIN_DOT_DIM, min(_MAX_TILE_POSITIONS, budget // padded_window_area(window)))
     block_w = min(next_power_of_2(width), 16)
     block_h = min(next_power_of_2(height), 16)
     while block_h * block_w > max_positions:  # shrink the longer side first
@@ -113,32 +120,45 @@ def _tile_for(height: int, width: int, window: int, budget: int) -> tuple[int, i
     return block_h, block_w
 
 
-def default_configs(height: int, width: int, window: int, head_dim: int) -> EMIMConfigs:
-    """Heuristic configurations for a shape; the autotuner replaces these with measured ones."""
+def default_configs(height: int, width: int, window: int, head_dim: int,
+                    dtype: torch.dtype = torch.bfloat16) -> EMIMConfigs:
+    """Heuristic configurations for a shape; the autotuner replaces these with measured ones.
+
+    Each choice below was checked by compiling for sm_80 and sm_90 (tests/test_aot_compile.py prints
+    registers and spills).
+    """
     fwd_h, fwd_w = _tile_for(height, width, window, _TILE_ELEMENT_BUDGET)
     # The query-side backward holds four K²-wide tiles (affinities, probabilities, dP, dA): half the tile.
     bwd_h, bwd_w = _tile_for(height, width, window, _TILE_ELEMENT_BUDGET // 2)
     kv_h, kv_w = _tile_for(height, width, window, _TILE_ELEMENT_BUDGET)
-    # Larger head_dim means larger (tile x D) accumulators: keep them near 64 x 64.
-    block_rows = 64 if padded_window_area(window) * padded_head_dim(head_dim) <= 8192 else 32
+    # float32 inputs use "ieee" products, which lower to FMA loops with many more live registers than
+    # tensor-core dots: halve the hidden chunk (the 8 x 8 forward spills at 32, not at 16).
+    exact = dtype == torch.float32
+    chunk = 16 if exact else 32
+    # The weights kernel keeps (hidden chunk x K²) and (D x hidden chunk) accumulators plus a
+    # (rows x K²) input tile: for large windows / head dims, or exact float32 products, fewer rows per
+    # step or more warps (at 4 warps and 64 rows, K=15 / D=128 and float32 K=7 / D=64 spill).
+    large = padded_window_area(window) * padded_head_dim(head_dim) >= 8192
+    weights = RowConfig(block_rows=32 if large else 64, hidden_chunk=chunk, num_warps=8 if (large or exact) else 4)
     return EMIMConfigs(
-        forward=TileConfig(fwd_h, fwd_w),
-        backward_query=TileConfig(bwd_h, bwd_w),
+        forward=TileConfig(fwd_h, fwd_w, hidden_chunk=chunk),
+        backward_query=TileConfig(bwd_h, bwd_w, hidden_chunk=chunk),
         backward_key_value=TileConfig(kv_h, kv_w),
-        backward_weights=RowConfig(block_rows=block_rows),
+        backward_weights=weights,
     )
 
 
-def interpreter_configs(height: int, width: int, window: int, head_dim: int) -> EMIMConfigs:
+def interpreter_configs(height: int, width: int, window: int, head_dim: int,
+                        dtype: torch.dtype = torch.float32) -> EMIMConfigs:
     """Under TRITON_INTERPRET=1 there is nothing to tune: one configuration, no timing.
 
-    The interpreter runs one program at a time in Python, so fewer, larger programs are faster: whole
-    small frames per tile, wide hidden chunks, and only two partial sums in the weights kernel.
+    The interpreter runs one program at a time in Python, so fewer, larger programs are faster: wide
+    hidden chunks and only two partial sums in the weights kernel.
     """
-    tiles = default_configs(height, width, window, head_dim)
+    tiles = default_configs(height, width, window, head_dim, dtype)
     return EMIMConfigs(
-        forward=tiles.forward,
-        backward_query=tiles.backward_query,
+        forward=TileConfig(tiles.forward.block_h, tiles.forward.block_w, hidden_chunk=64),
+        backward_query=TileConfig(tiles.backward_query.block_h, tiles.backward_query.block_w, hidden_chunk=64),
         backward_key_value=tiles.backward_key_value,
         backward_weights=RowConfig(block_rows=64, hidden_chunk=64, programs=2),
     )

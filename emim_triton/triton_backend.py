@@ -48,10 +48,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def configs_for(shape: EMIMShape) -> EMIMConfigs:
+def configs_for(shape: EMIMShape, dtype: torch.dtype) -> EMIMConfigs:
     """The launch configurations for a shape (the autotuner's cache will slot in here)."""
     choose = interpreter_configs if interpreter_enabled() else default_configs
-    return choose(shape.height, shape.width, shape.window, shape.head_dim)
+    return choose(shape.height, shape.width, shape.window, shape.head_dim, dtype)
 
 
 @dataclass
@@ -144,7 +144,8 @@ def backward_weights_launch(affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_p
         emim_backward_weights_kernel, (triton.cdiv(shape.hidden, cfg.hidden_chunk), programs),
         dict(affinity_ptr=affinity, grad_ptr=grad_pairs, w1_ptr=w1, b1_ptr=b1, w2_ptr=w2,
              dw1_partial_ptr=dw1_partial, db1_partial_ptr=db1_partial, dw2_partial_ptr=dw2_partial,
-             rows=shape.rows, D=shape.head_dim, programs=programs),
+             rows=shape.rows, D=shape.head_dim, programs=programs,
+             steps=triton.cdiv(triton.cdiv(shape.rows, cfg.block_rows), programs)),
         dict(**_window_constexprs(shape, dtype), **cfg.constexprs()),
         cfg.num_warps, cfg.num_stages,
     )
@@ -153,7 +154,7 @@ def backward_weights_launch(affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_p
 def forward(q, k, v, rpb, w1, b1, w2, b2, shape: EMIMShape, scale: float, pad_value: float,
             store_lse: bool, configs: EMIMConfigs | None = None):
     """Run the forward kernel. Returns (out, lse); lse is (B, pairs, H, W, heads) float32 or None."""
-    configs = configs or configs_for(shape)
+    configs = configs or configs_for(shape, q.dtype)
     B, T, H, W, heads, D = q.shape
     out = new_buffer((B, T, H, W, heads, D), q.dtype, q.device)
     lse = new_buffer((B, shape.pairs, H, W, heads), torch.float32, q.device) if store_lse else out
@@ -176,7 +177,7 @@ def fold_last_frame_grad(grad_out: torch.Tensor, shape: EMIMShape) -> torch.Tens
 def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scale: float, pad_value: float,
              configs: EMIMConfigs | None = None):
     """Gradients for (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype."""
-    configs = configs or configs_for(shape)
+    configs = configs or configs_for(shape, q.dtype)
     B, T, H, W, heads, D = q.shape
     device = q.device
     grad_pairs = fold_last_frame_grad(grad_out, shape)
@@ -214,7 +215,7 @@ def example_launches(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs 
 
     For compiling ahead of time (tests, autotuner pruning) and timing (autotuner, on a GPU device).
     """
-    configs = configs or configs_for(shape)
+    configs = configs or configs_for(shape, dtype)
     B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
     qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
     q, k, v = qkv.view(B, T, H, W, 3, heads, D).unbind(4)  # the strided layout models pass in

@@ -7,7 +7,7 @@ the same row order, so this kernel sees them as two plain matrices (N, K²) and 
     z = a @ W1^T + b1        h = QuickGELU(z)        dz = (g @ W2) * QuickGELU'(z)
     dW1 = sum_rows dz^T a    db1 = sum_rows dz       dW2 = sum_rows g^T h
 
-Program (c, p) owns hidden chunk c and the row blocks p, p + P, p + 2P, ...; it keeps its partial sums
+Program (c, p) owns hidden chunk c and the row blocks p, p + P, p + 2P, ... (P = programs); it keeps its partial sums
 in registers and writes them once. The host adds the P partials in a fixed order, so the result is
 bit-identical run after run (no atomics).
 """
@@ -22,7 +22,7 @@ from .common import load_w1_transposed, load_w2_columns, quick_gelu, quick_gelu_
 def emim_backward_weights_kernel(
     affinity_ptr, grad_ptr, w1_ptr, b1_ptr, w2_ptr,
     dw1_partial_ptr, db1_partial_ptr, dw2_partial_ptr,
-    rows, D, programs,
+    rows, D, programs, steps,
     WINDOW: tl.constexpr, WINDOW_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, HIDDEN_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -43,7 +43,10 @@ def emim_backward_weights_kernel(
     dw1 = tl.zeros((HIDDEN_CHUNK, WINDOW_PAD), dtype=tl.float32)
     db1 = tl.zeros((HIDDEN_CHUNK,), dtype=tl.float32)
     dw2 = tl.zeros((BLOCK_D, HIDDEN_CHUNK), dtype=tl.float32)
-    for block in range(program, tl.cdiv(rows, BLOCK_ROWS), programs):
+    # Row blocks program, program + programs, ...: `steps` = cdiv(row blocks, programs) from the host;
+    # blocks past the end load nothing (row mask) and add nothing.
+    for step in range(0, steps):
+        block = program + step * programs
         row = tl.arange(0, BLOCK_ROWS).to(tl.int64) + block * BLOCK_ROWS  # int64: row * K² may pass 2**31
         row_valid = row < rows
         a = tl.load(affinity_ptr + row[:, None] * WINDOW_AREA + window_cols[None, :],

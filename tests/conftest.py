@@ -14,3 +14,18 @@ def _nvidia_gpu_present() -> bool:
 
 if "TRITON_INTERPRET" not in os.environ and not _nvidia_gpu_present():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Shared memory, registers and spills of every kernel configuration the AOT test compiled."""
+    from helpers import AOT_REPORT
+
+    if not AOT_REPORT:
+        return
+    terminalreporter.section("GPU compile report (AOT, no GPU needed)")
+    terminalreporter.write_line(f"{'kernel':34} {'sm':>3} {'warps':>5} {'stages':>6} {'shared B':>9} "
+                                f"{'regs':>5} {'spill B':>7}  constexprs")
+    for info, constexprs in AOT_REPORT:
+        shown = {k: v for k, v in constexprs.items() if k != "DOT_PRECISION"}
+        terminalreporter.write_line(f"{info.name:34} {info.arch:>3} {info.num_warps:>5} {info.num_stages:>6} "
+                                    f"{info.shared_bytes:>9} {str(info.registers):>5} {str(info.spills):>7}  {shown}")

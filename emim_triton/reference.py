@@ -17,6 +17,8 @@ few hundred MB.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +70,17 @@ def motion_mlp(a, w1, b1, w2, b2):
     return F.linear(quick_gelu(F.linear(a, w1, b1)), w2, b2)
 
 
+def autocast_disabled(device: torch.device):
+    """A context that turns autocast off for `device`, so einsum and linear keep the float32 compute dtype.
+
+    Under ``torch.autocast`` those ops would otherwise run in bf16/fp16 and break the precision contract
+    (affinities, softmax and MLP in float32); devices without autocast (e.g. 'meta') need nothing.
+    """
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _emim_pairs(q, k, v, rpb, w1, b1, w2, b2, scale, pad_value):
     """EMIM for a chunk of frame pairs already flattened to (N, H, W, heads, D)."""
     window = rpb.shape[-1]
@@ -107,11 +120,12 @@ def emim_reference(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, 
     if chunk_pairs is None:
         per_pair = H * W * heads * shape.window_area * D
         chunk_pairs = max(1, _WINDOW_ELEMENTS_PER_CHUNK // per_pair)
-    chunks = [
-        _emim_pairs(qp[i:i + chunk_pairs], kp[i:i + chunk_pairs], vp[i:i + chunk_pairs],
-                    *params, scale, pad_value)
-        for i in range(0, B * P, chunk_pairs)
-    ]
+    with autocast_disabled(q.device):
+        chunks = [
+            _emim_pairs(qp[i:i + chunk_pairs], kp[i:i + chunk_pairs], vp[i:i + chunk_pairs],
+                        *params, scale, pad_value)
+            for i in range(0, B * P, chunk_pairs)
+        ]
     out = torch.cat(chunks).reshape(B, P, H, W, heads, D)
     if T > 1:  # output frame T-1 is a copy of output frame T-2 (the authors' "next frame" rule)
         out = torch.cat([out, out[:, -1:]], dim=1)

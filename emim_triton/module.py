@@ -1,0 +1,203 @@
+"""`EMIM`: the attention module around the op, a drop-in replacement for a ViT-style attention block.
+
+    x (tokens) --qkv--> q, k, v --emim_attention--> context + motion --proj--> out
+
+Parameter names follow the EMIM authors' checkpoints (``qkv``, ``proj``, ``rpb``, ``motion_conv.0``,
+``motion_conv.2``; see PAPER-NOTES.md "Checkpoints"), so their state dicts load with ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .checks import MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, MIN_WINDOW
+from .functional import BACKENDS, emim_attention
+from .reference import quick_gelu
+
+
+class QuickGELU(nn.Module):
+    """z * sigmoid(1.702 z): the motion MLP's activation (a module so that ``motion_conv`` is a Sequential
+    whose Linear layers sit at indices 0 and 2, as in the authors' checkpoints)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return quick_gelu(z)
+
+
+class EMIM(nn.Module):
+    """EMIM attention over a video's tokens: local next-frame attention plus motion features.
+
+    Each query of frame t attends to the K x K window centred on its own position in frame t + 1; the raw
+    affinity row of that window (a cost volume) is also mapped by a small MLP into motion features that
+    are added to the attention output. See SPEC.md or README "The operation" for the exact definition.
+
+    Args:
+        dim: channels C of the tokens; split into ``num_heads`` heads of ``dim // num_heads`` channels,
+            which must be in 16..128.
+        num_heads: attention heads.
+        window: K, the side of the local window (odd, 3..15; the authors use 7).
+        qkv_bias: whether the qkv projection has a bias.
+        qk_scale: attention scale; default head_dim ** -0.5.
+        attn_drop: must be 0. EMIM has no attention dropout: the fused kernels never materialise the
+            softmax probabilities, so there is nothing to drop. Accepted only so that EMIM takes the same
+            arguments as a standard attention module.
+        proj_drop: dropout after the output projection.
+        pad_value: value of keys and values outside the frame (the authors' constant padding, 1e-6).
+        backend: the op's backend, "auto" (fused Triton kernels on CUDA, the PyTorch reference on CPU),
+            "triton" or "reference".
+
+    ``forward(x, frames)`` takes tokens (B, T*H*W, C) in (t, y, x) order with ``frames=(T, H, W)``, or a
+    (B, T, H, W, C) tensor, and returns the same layout.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int = 7, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 pad_value: float = 1e-6, backend: str = "auto"):
+        super().__init__()
+        # Refuse bad configurations here, when the model is built, rather than at its first forward.
+        if dim % num_heads != 0:
+            raise ValueError(f"EMIM: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        head_dim = dim // num_heads
+        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"EMIM: head_dim = dim // num_heads must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+                             f"got {dim} // {num_heads} = {head_dim}")
+        if window % 2 == 0 or not MIN_WINDOW <= window <= MAX_WINDOW:
+            raise ValueError(f"EMIM: window must be odd and in {MIN_WINDOW}..{MAX_WINDOW}, got {window}")
+        if attn_drop != 0:
+            raise ValueError(f"EMIM: attn_drop must be 0 (EMIM has no attention dropout: the fused kernels "
+                             f"never materialise the attention probabilities), got {attn_drop}")
+        if backend not in BACKENDS:
+            raise ValueError(f"EMIM: backend must be one of {BACKENDS}, got {backend!r}")
+
+        self.dim, self.num_heads, self.head_dim, self.window = dim, num_heads, head_dim, window
+        self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
+        self.pad_value = pad_value
+        self.backend = backend
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rpb = nn.Parameter(torch.empty(num_heads, window, window))
+        area = window * window
+        # One MLP shared by all heads: a K²-wide affinity row -> 4K² hidden -> head_dim motion features.
+        self.motion_conv = nn.Sequential(nn.Linear(area, 4 * area), QuickGELU(), nn.Linear(4 * area, head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise EMIM's own parameters; qkv and proj keep nn.Linear's default (a model's init, or
+        `from_attention`, sets them).
+
+        - rpb: truncated normal, std 0.02, with nn.init's default cut at +-2 (absolute, as in timm and the
+          authors' code), so at this std it is in effect a plain normal.
+        - motion MLP: W1 xavier-uniform, b1 zero; W2 and b2 zero, so the motion features start at exactly
+          zero and a new (or converted) layer is pure local attention; motion grows from there during
+          training (the authors' recommendation for fine-tuning). W1 must not be zero too, or W2's gradient
+          (which flows through QuickGELU(W1 a + b1)) would vanish and motion could never start.
+        """
+        nn.init.trunc_normal_(self.rpb, std=0.02)
+        hidden_layer, _, output_layer = self.motion_conv
+        nn.init.xavier_uniform_(hidden_layer.weight)
+        nn.init.zeros_(hidden_layer.bias)
+        nn.init.zeros_(output_layer.weight)
+        nn.init.zeros_(output_layer.bias)
+
+    def forward(self, x: torch.Tensor, frames: tuple[int, int, int] | None = None) -> torch.Tensor:
+        B, T, H, W = self._layout(x, frames)
+        # One Linear for q, k and v; the op reads the three as strided views of its output (no copies).
+        qkv = self.qkv(x).view(B, T, H, W, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(4)
+        hidden_layer, _, output_layer = self.motion_conv
+        out = emim_attention(q, k, v, self.rpb, hidden_layer.weight, hidden_layer.bias, output_layer.weight,
+                             output_layer.bias, scale=self.scale, pad_value=self.pad_value, backend=self.backend)
+        # The op's output is contiguous (B, T, H, W, heads, D), so merging the heads is a free view.
+        out = out.view(*x.shape[:-1], self.dim)
+        return self.proj_drop(self.proj(out))
+
+    def _layout(self, x: torch.Tensor, frames) -> tuple[int, int, int, int]:
+        """(B, T, H, W) of the input, after checking x and frames agree with each other and with dim."""
+        if x.dim() == 5:
+            B, T, H, W, C = x.shape
+            if frames is not None and tuple(frames) != (T, H, W):
+                raise ValueError(f"EMIM: frames={tuple(frames)} does not match x of shape {tuple(x.shape)} "
+                                 f"(B, T, H, W, C); leave frames out for 5-D input")
+        elif x.dim() == 3:
+            B, N, C = x.shape
+            if frames is None:
+                raise ValueError(f"EMIM: x of shape {tuple(x.shape)} is (B, N, C) tokens; pass "
+                                 f"frames=(T, H, W) with T*H*W = N to say how they form a video")
+            if len(frames) != 3:
+                raise ValueError(f"EMIM: frames must be (T, H, W), got {frames!r}")
+            T, H, W = (int(f) for f in frames)
+            if T * H * W != N:
+                raise ValueError(f"EMIM: frames=(T, H, W)={(T, H, W)} gives T*H*W = {T * H * W} tokens, but x "
+                                 f"of shape {tuple(x.shape)} has N = {N}")
+        else:
+            raise ValueError(f"EMIM: x must be (B, T*H*W, C) tokens with frames=(T, H, W), or (B, T, H, W, C); "
+                             f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        if C != self.dim:
+            raise ValueError(f"EMIM: x has {C} channels in its last axis, expected dim = {self.dim}")
+        return B, T, H, W
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, window: int = 7, **kwargs) -> "EMIM":
+        """An EMIM module that takes over a standard (timm-style) attention module's weights.
+
+        ``attn`` must have ``qkv`` (Linear(C, 3C)), ``proj`` (Linear(C, C)) and ``num_heads``; its ``scale``
+        (if any) becomes ``qk_scale`` and its ``proj_drop`` rate carries over, unless given in ``kwargs``.
+        qkv and proj weights are copied (the new module shares no storage with ``attn``), and the new
+        module takes ``attn``'s device and dtype. The motion MLP starts at zero, so the result is pure local
+        next-frame attention over the same projections. Modules with parts EMIM has no place for (a
+        q/k normalisation, a norm before proj, attention dropout) are refused rather than silently changed.
+        """
+        name = type(attn).__name__
+        for part in ("qkv", "proj"):
+            if not isinstance(getattr(attn, part, None), nn.Linear):
+                raise ValueError(f"EMIM.from_attention: {name} has no nn.Linear `{part}`; expected a timm-style "
+                                 f"attention module with qkv = Linear(C, 3C) and proj = Linear(C, C)")
+        if not isinstance(getattr(attn, "num_heads", None), int):
+            raise ValueError(f"EMIM.from_attention: {name} has no integer `num_heads` attribute")
+        for part in ("q_norm", "k_norm", "norm"):
+            module = getattr(attn, part, None)
+            if module is not None and not isinstance(module, nn.Identity):
+                raise ValueError(f"EMIM.from_attention: {name}.{part} is {type(module).__name__}; EMIM has no "
+                                 f"place for it, only nn.Identity (or no such attribute) can be taken over")
+        dropout = getattr(attn, "attn_drop", None)
+        if isinstance(dropout, nn.Dropout) and dropout.p != 0:
+            raise ValueError(f"EMIM.from_attention: {name}.attn_drop has p = {dropout.p}; EMIM has no attention "
+                             f"dropout (set it to 0 first)")
+
+        qkv, proj = attn.qkv, attn.proj
+        dim = qkv.in_features
+        if qkv.out_features != 3 * dim or (proj.in_features, proj.out_features) != (dim, dim):
+            raise ValueError(f"EMIM.from_attention: expected qkv = Linear({dim}, {3 * dim}) and proj = "
+                             f"Linear({dim}, {dim}), got qkv = Linear({qkv.in_features}, {qkv.out_features}) "
+                             f"and proj = Linear({proj.in_features}, {proj.out_features})")
+        qkv_bias = qkv.bias is not None
+        if kwargs.pop("qkv_bias", qkv_bias) != qkv_bias:
+            raise ValueError(f"EMIM.from_attention: qkv_bias is taken from {name}.qkv (bias "
+                             f"{'present' if qkv_bias else 'absent'}) and cannot be overridden")
+        if getattr(attn, "scale", None) is not None:
+            kwargs.setdefault("qk_scale", float(attn.scale))
+        if isinstance(getattr(attn, "proj_drop", None), nn.Dropout):
+            kwargs.setdefault("proj_drop", attn.proj_drop.p)
+
+        emim = cls(dim, attn.num_heads, window=window, qkv_bias=qkv_bias, **kwargs)
+        emim.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+        with torch.no_grad():
+            emim.qkv.weight.copy_(qkv.weight)
+            if qkv_bias:
+                emim.qkv.bias.copy_(qkv.bias)
+            emim.proj.weight.copy_(proj.weight)
+            if proj.bias is not None:
+                emim.proj.bias.copy_(proj.bias)
+            else:  # a proj without bias is the same function as ours with a zero bias
+                emim.proj.bias.zero_()
+        return emim
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) the optimiser must not decay: the position bias."""
+        return {"rpb"}
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}, "
+                f"scale={self.scale:.4g}, pad_value={self.pad_value:g}, backend={self.backend!r}")

@@ -1,0 +1,254 @@
+"""The EMIM module: layouts, taking over a standard attention module, its initialisation (pure local
+next-frame attention), gradients, autocast and checkpoint names. Runs the reference backend except the one
+test marked `fused`, since the Triton interpreter is slow."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emim_triton import EMIM
+from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, relative_error
+
+DIM, HEADS, WINDOW = 32, 2, 3  # head_dim 16, the smallest the op supports
+FRAMES = (3, 4, 5)  # T, H, W: H < W, H and W both > K so the window has inside and outside entries
+
+
+def make_module(dtype=torch.float64, **kwargs) -> EMIM:
+    torch.manual_seed(0)
+    return EMIM(DIM, HEADS, window=WINDOW, backend="reference", **kwargs).to(dtype)
+
+
+def tokens(B=2, dtype=torch.float64, seed=1):
+    T, H, W = FRAMES
+    return torch.randn(B, T * H * W, DIM, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+class TimmStyleAttention(nn.Module):
+    """The attention layout EMIM.from_attention takes over (timm's Attention, UniFormer's global blocks)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, qk_scale=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.1)
+
+
+def local_next_frame_attention(q, k, v, rpb, scale, pad_value):
+    """SPEC.md without the motion term: softmax over the K x K window of the next frame, with the
+    window's out-of-frame entries padded with pad_value (not masked). q, k, v: (B, T, H, W, heads, D)."""
+    B, T, H, W, heads, D = q.shape
+    K = rpb.shape[-1]
+    r = K // 2
+    # Pad H and W of every key/value frame by r on both sides; window of (y, x) = padded[y:y+K, x:x+K].
+    k_padded = F.pad(k, (0, 0, 0, 0, r, r, r, r), value=pad_value)
+    v_padded = F.pad(v, (0, 0, 0, 0, r, r, r, r), value=pad_value)
+    out = torch.empty_like(q)
+    for b, t, y, x, h in itertools.product(range(B), range(T), range(H), range(W), range(heads)):
+        tq = 0 if T == 1 else min(t, T - 2)
+        tk = 0 if T == 1 else tq + 1
+        keys = k_padded[b, tk, y:y + K, x:x + K, h].reshape(K * K, D)
+        values = v_padded[b, tk, y:y + K, x:x + K, h].reshape(K * K, D)
+        weights = torch.softmax(scale * keys @ q[b, tq, y, x, h] + rpb[h].reshape(-1), dim=0)
+        out[b, t, y, x, h] = weights @ values
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layouts and argument errors
+# ----------------------------------------------------------------------------------------------------
+
+def test_token_and_video_layouts_give_the_same_result_in_their_own_shape():
+    module = make_module()
+    x = tokens()
+    out = module(x, frames=FRAMES)
+    assert out.shape == x.shape
+    video = x.view(2, *FRAMES, DIM)
+    out_video = module(video)
+    assert out_video.shape == video.shape
+    assert torch.equal(out_video.view_as(out), out)
+
+
+def test_non_contiguous_video_input():
+    module = make_module()
+    channels_first = torch.randn(2, DIM, *FRAMES, dtype=torch.float64)  # (B, C, T, H, W), as a conv stage gives
+    video = channels_first.permute(0, 2, 3, 4, 1)
+    # The qkv matmul may sum in another order for strided input: equal up to rounding, not bit for bit.
+    assert relative_error(module(video), module(video.contiguous())) < REFERENCE_RTOL[torch.float64]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(torch.randn(2, 60, DIM, dtype=torch.float64)), r"pass frames=\(T, H, W\)"),
+    (lambda m: m(torch.randn(2, 61, DIM, dtype=torch.float64), frames=FRAMES), r"T\*H\*W = 60 tokens.*N = 61"),
+    (lambda m: m(torch.randn(2, 60, DIM + 1, dtype=torch.float64), frames=FRAMES), r"expected dim = 32"),
+    (lambda m: m(torch.randn(2, *FRAMES, DIM, dtype=torch.float64), frames=(3, 5, 4)), r"frames=\(3, 5, 4\)"),
+    (lambda m: m(torch.randn(60, DIM, dtype=torch.float64), frames=FRAMES), r"got a 2-D tensor"),
+], ids=["tokens-without-frames", "frames-not-matching-N", "wrong-C", "frames-contradict-video", "2-D"])
+def test_bad_input_layout_is_explained(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(make_module())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dim=32, num_heads=3), r"divisible by num_heads"),
+    (dict(dim=32, num_heads=4), r"head_dim .* got 32 // 4 = 8"),
+    (dict(dim=32, num_heads=2, window=4), r"window must be odd"),
+    (dict(dim=32, num_heads=2, window=17), r"window must be odd and in 3..15"),
+    (dict(dim=32, num_heads=2, attn_drop=0.1), r"attn_drop must be 0"),
+    (dict(dim=32, num_heads=2, backend="cuda"), r"backend must be one of"),
+], ids=["heads-do-not-divide-dim", "head-dim-8", "even-window", "window-17", "attn-drop", "backend"])
+def test_bad_configuration_is_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EMIM(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initialisation and taking over a standard attention module
+# ----------------------------------------------------------------------------------------------------
+
+def test_init_motion_output_layer_zero_hidden_layer_xavier_rpb_small():
+    module = make_module(dtype=torch.float32)
+    hidden_layer, _, output_layer = module.motion_conv
+    xavier_bound = (6 / (9 + 36)) ** 0.5  # fan_in K² = 9, fan_out 4K² = 36
+    assert hidden_layer.weight.abs().sum() > 0 and hidden_layer.weight.abs().max() <= xavier_bound
+    assert not hidden_layer.bias.any() and not output_layer.weight.any() and not output_layer.bias.any()
+    large = EMIM(128, 8, window=15)  # 1,800 rpb entries: enough for a tight bound on their spread
+    assert 0.018 < large.rpb.std() < 0.022 and large.rpb.mean().abs() < 0.002
+
+
+def test_default_init_is_local_next_frame_attention_over_the_projections():
+    """W2 = b2 = 0: the module is proj(local attention(qkv(x))), the motion term contributes nothing."""
+    module = make_module()
+    x = tokens()
+    B, N, C = x.shape
+    q, k, v = module.qkv(x).view(B, *FRAMES, 3, HEADS, C // HEADS).unbind(4)
+    context = local_next_frame_attention(q, k, v, module.rpb, module.scale, module.pad_value)
+    expected = module.proj(context.reshape(B, N, C))
+    assert relative_error(module(x, frames=FRAMES), expected) < REFERENCE_RTOL[torch.float64]
+
+
+def test_from_attention_copies_the_weights_and_the_scale():
+    source = TimmStyleAttention(DIM, HEADS, qk_scale=0.3).double()
+    emim = EMIM.from_attention(source, window=WINDOW, backend="reference")
+    assert (emim.dim, emim.num_heads, emim.scale, emim.proj_drop.p) == (DIM, HEADS, 0.3, 0.1)
+    assert emim.rpb.dtype == torch.float64
+    for name in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+        ours, theirs = emim.get_parameter(name), source.get_parameter(name)
+        assert torch.equal(ours, theirs), name
+        assert ours.data_ptr() != theirs.data_ptr(), f"{name} shares storage with the source"
+    with torch.no_grad():
+        source.qkv.weight.zero_()
+    assert emim.qkv.weight.any()  # a copy, not a view
+
+    x = tokens(B=1)
+    assert emim.eval()(x, frames=FRAMES).shape == x.shape
+
+
+def test_from_attention_without_biases():
+    source = TimmStyleAttention(DIM, HEADS, qkv_bias=False)
+    source.proj = nn.Linear(DIM, DIM, bias=False)
+    emim = EMIM.from_attention(source, window=WINDOW)
+    assert emim.qkv.bias is None and not emim.proj.bias.any()
+
+
+def _without(attribute):
+    def spoil(attn):
+        delattr(attn, attribute)
+    return spoil
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (_without("qkv"), r"no nn.Linear `qkv`"),
+    (_without("proj"), r"no nn.Linear `proj`"),
+    (_without("num_heads"), r"num_heads"),
+    (lambda a: setattr(a, "q_norm", nn.LayerNorm(16)), r"q_norm is LayerNorm"),
+    (lambda a: setattr(a, "k_norm", nn.LayerNorm(16)), r"k_norm is LayerNorm"),
+    (lambda a: setattr(a, "attn_drop", nn.Dropout(0.1)), r"attn_drop has p = 0.1"),
+    (lambda a: setattr(a, "qkv", nn.Linear(DIM, 2 * DIM)), r"expected qkv = Linear\(32, 96\)"),
+], ids=["no-qkv", "no-proj", "no-num_heads", "q_norm", "k_norm", "attn_drop", "qkv-not-3C"])
+def test_from_attention_refuses_what_it_cannot_take(spoil, message):
+    source = TimmStyleAttention(DIM, HEADS)
+    spoil(source)
+    with pytest.raises(ValueError, match=message):
+        EMIM.from_attention(source, window=WINDOW)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: gradients, weight decay, autocast, checkpoint names
+# ----------------------------------------------------------------------------------------------------
+
+def test_gradients_reach_every_parameter_once_motion_is_on():
+    module = make_module()
+    with torch.no_grad():  # with W2 = 0, W1 and b1 get no gradient: switch motion on first
+        for p in module.motion_conv[2].parameters():
+            p.normal_(std=0.1)
+    module(tokens(), frames=FRAMES).square().sum().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_no_weight_decay_names_the_position_bias():
+    module = make_module()
+    assert module.no_weight_decay() == {"rpb"}
+    assert module.no_weight_decay() <= dict(module.named_parameters()).keys()
+
+
+def test_autocast_bf16_on_cpu():
+    """Under autocast the projections run in bf16 while rpb and the motion MLP stay float32; the op takes
+    both. Output bf16 (from proj), parameter gradients float32 (the master weights)."""
+    module = make_module(dtype=torch.float32)
+    with torch.no_grad():
+        module.motion_conv[2].weight.normal_(std=0.1)
+    x = tokens(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, frames=FRAMES)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
+    # bf16 rounding of x, qkv, the op's output and proj (measured 3.6e-3): 2e-2 leaves room for that
+    # and still fails on anything that is not the float32 module's result.
+    assert relative_error(out, module(x, frames=FRAMES)) < 2e-2
+
+
+def test_state_dict_names_match_the_authors_checkpoints():
+    names = set(make_module().state_dict())
+    assert names == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rpb",
+                     "motion_conv.0.weight", "motion_conv.0.bias", "motion_conv.2.weight", "motion_conv.2.bias"}
+    shapes = {name: tuple(t.shape) for name, t in make_module().state_dict().items()}
+    assert shapes["motion_conv.0.weight"] == (36, 9) and shapes["motion_conv.2.weight"] == (16, 36)
+    assert shapes["rpb"] == (HEADS, WINDOW, WINDOW)
+
+
+def test_extra_repr_shows_the_configuration():
+    assert "num_heads=2, head_dim=16, window=3" in repr(make_module())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused kernels through the module (slow in the interpreter: one tiny shape)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.fused
+def test_auto_backend_matches_the_reference():
+    """backend="auto" takes the Triton kernels on CUDA, and on CPU under TRITON_INTERPRET=1 (which
+    tests/conftest.py sets when there is no GPU); forward and parameter gradients match the reference."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fused = EMIM(DIM, HEADS, window=WINDOW, backend="auto").to(device)
+    with torch.no_grad():
+        fused.motion_conv[2].weight.normal_(std=0.1)
+    reference = EMIM(DIM, HEADS, window=WINDOW, backend="reference").to(device)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 2 * 3 * 4, DIM, device=device)
+
+    out_fused, out_reference = fused(x, frames=(2, 3, 4)), reference(x, frames=(2, 3, 4))
+    assert relative_error(out_fused, out_reference) < FP32_KERNEL_RTOL
+    out_fused.square().sum().backward()
+    out_reference.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert relative_error(p.grad, q.grad) < FP32_KERNEL_RTOL, name

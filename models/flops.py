@@ -1,0 +1,140 @@
+"""Counting a model's multiply-accumulates with `torch.utils.flop_counter`, the fused EMIM op included.
+
+Convention (the one video papers report, fvcore style): **GMACs per view** = multiply-accumulates of the
+convolutions, linear layers and attention products of one clip, in units of 1e9; elementwise work
+(activations, softmax, norms, residual adds) is not counted. `FlopCounterMode` counts the same operations
+in FLOPs (2 per multiply-add), so MACs = FLOPs / 2. Papers that say "GFLOPs" for video models almost
+always mean these GMACs.
+
+Two operations need help from here:
+- the fused op ``torch.ops.emim_triton.emim_forward`` (and its backward) is opaque to the counter; its
+  cost comes from SPEC's cost model (`emim_forward_flops`), registered as a FLOP formula;
+- global attention on CPU dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu``, which the
+  counter does not know; it gets the usual 2 x (QK^T + PV) formula.
+On the CPU reference path (and on the meta device) EMIM runs as einsums and linear layers, which the
+counter sees one by one; for one EMIM call they add up exactly to `emim_forward_flops` (tested).
+
+Counting on the meta device costs no memory and no time: ``with torch.device("meta"): model = ...``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+
+def emim_forward_flops(batch: int, frames: int, height: int, width: int, heads: int, head_dim: int,
+                       window: int) -> int:
+    """FLOPs of one EMIM forward, from SPEC's cost model.
+
+    Per computed query row (one query position and head): QK 2K²D + AV 2K²D + motion MLP
+    2·K²·4K² + 2·4K²·D. The rows computed are B x (T - 1) frame pairs x H x W x heads: output frame T-1
+    is a copy of frame T-2 and costs nothing (T = 1: one pair, the frame with itself). This is the work
+    the fused kernels and the reference both do; the paper's tables count T frames instead, 1/T more
+    EMIM work (0.15% of EMIM-S16's total).
+    """
+    area, hidden = window * window, 4 * window * window
+    per_row = 2 * area * head_dim + 2 * area * head_dim + 2 * area * hidden + 2 * hidden * head_dim
+    rows = batch * max(frames - 1, 1) * height * width * heads
+    return rows * per_row
+
+
+def _emim_forward_formula(q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs) -> int:
+    B, T, H, W, heads, D = q_shape
+    return emim_forward_flops(B, T, H, W, heads, D, rpb_shape[-1])
+
+
+def _emim_backward_formula(grad_shape, q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs):
+    # Every product of the forward has two gradient products (w.r.t. each operand), as autograd's
+    # matmul backward counts on the reference path; the fused kernels' recomputation is not counted.
+    return 2 * _emim_forward_formula(q_shape, k_shape, v_shape, rpb_shape)
+
+
+def _cpu_sdpa_formula(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    # q (B, heads, Nq, D) @ k^T -> (B, heads, Nq, Nk), then @ v (B, heads, Nk, Dv): 2 FLOPs per MAC.
+    *batch, queries, head_dim = q_shape
+    keys, value_dim = v_shape[-2], v_shape[-1]
+    rows = 1
+    for size in batch:
+        rows *= size
+    return 2 * rows * queries * keys * (head_dim + value_dim)
+
+
+_registered = False
+
+
+def register_flop_formulas() -> bool:
+    """Teach `torch.utils.flop_counter` the fused EMIM op (forward and backward) and CPU flash SDPA.
+
+    Idempotent; called by `count_flops`. Call it yourself to use a plain ``FlopCounterMode`` (e.g. to
+    measure a training step's MFU). Returns False when the fused op cannot be imported (no Triton); the
+    reference path needs no formula.
+    """
+    global _registered
+    if _registered:
+        return True
+    from torch.utils.flop_counter import flop_registry
+
+    sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if sdpa_cpu not in flop_registry:
+        register_flop_formula(sdpa_cpu)(_cpu_sdpa_formula)
+    try:
+        import emim_triton.ops  # noqa: F401  (defines torch.ops.emim_triton.*; needs Triton)
+    except ImportError:
+        return False
+    if torch.ops.emim_triton.emim_forward not in flop_registry:
+        register_flop_formula(torch.ops.emim_triton.emim_forward)(_emim_forward_formula)
+        register_flop_formula(torch.ops.emim_triton.emim_backward)(_emim_backward_formula)
+    _registered = True
+    return True
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """The result of `count_flops`: FLOPs of matmuls, convolutions and attention products (2 per MAC)."""
+
+    flops: int
+    by_op: dict  # operator name -> FLOPs
+
+    @property
+    def macs(self) -> int:
+        return self.flops // 2
+
+    @property
+    def gmacs(self) -> float:
+        """Billions of multiply-accumulates: the "GFLOPs" of video papers' tables."""
+        return self.macs / 1e9
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{op} {f / 2e9:.2f}" for op, f in sorted(self.by_op.items(), key=lambda i: -i[1]))
+        return f"{self.gmacs:.2f} GMACs ({ops})"
+
+
+def count_flops(model: nn.Module, inputs) -> FlopCount:
+    """Count one forward pass of `model` on `inputs` (a tensor or a tuple of positional arguments).
+
+    The model runs in eval mode without gradients (restored afterwards). Pass a batch of one clip for
+    the per-view figures of papers. Works on CPU, CUDA (fused op via its registered formula) and meta.
+    """
+    register_flop_formulas()
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args)
+    finally:
+        model.train(was_training)
+    by_op: dict[str, int] = defaultdict(int)
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        by_op[str(op).removeprefix("aten.")] += flops
+    return FlopCount(flops=counter.get_total_flops(), by_op=dict(by_op))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())

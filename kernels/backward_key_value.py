@@ -14,7 +14,7 @@ Keys and values of padded (out-of-frame) positions are constants and get no grad
 import triton
 import triton.language as tl
 
-from .common import load_rows, tile_positions
+from .common import frame_pair, head_of_frame, load_rows, tile_positions
 
 
 @triton.jit
@@ -30,15 +30,13 @@ def emim_backward_key_value_kernel(
     RADIUS: tl.constexpr = WINDOW // 2
 
     pid_tile, head, pid_pair = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = pid_pair // num_pairs
-    tq = pid_pair % num_pairs
-    tk = tq + key_frame_offset
+    b, tq, tk = frame_pair(pid_pair, num_pairs, key_frame_offset)
 
     y, x = tile_positions(pid_tile, W, BLOCK_H, BLOCK_W)
     channels = tl.arange(0, BLOCK_D)
 
-    q_frame = q_ptr + b.to(tl.int64) * stride_qb + tq.to(tl.int64) * stride_qt + head * stride_qn
-    k_frame = k_ptr + b.to(tl.int64) * stride_kb + tk.to(tl.int64) * stride_kt + head * stride_kn
+    q_frame = head_of_frame(q_ptr, b, tq, head, stride_qb, stride_qt, stride_qn)
+    k_frame = head_of_frame(k_ptr, b, tk, head, stride_kb, stride_kt, stride_kn)
     pair_index = b.to(tl.int64) * num_pairs + tq
     grad_frame = grad_ptr + pair_index * (H * W * HEADS * D) + head * D
     lse_frame = lse_ptr + pair_index * (H * W * HEADS)

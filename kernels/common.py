@@ -5,6 +5,26 @@ import triton.language as tl
 
 
 @triton.jit
+def frame_pair(pid_pair, num_pairs, key_frame_offset):
+    """(batch, query frame, key frame) of program axis 2, which enumerates batch x frame pairs.
+
+    The key frame is the next one (key_frame_offset = 1), or the query frame itself when T = 1 (0).
+    """
+    b = pid_pair // num_pairs
+    tq = pid_pair % num_pairs
+    return b, tq, tq + key_frame_offset
+
+
+@triton.jit
+def head_of_frame(ptr, b, t, head, stride_b, stride_t, stride_head):
+    """Pointer to (b, t, 0, 0, head, 0) of a strided (B, T, H, W, heads, D) tensor.
+
+    int64 offsets: B*T*H*W*heads*D can exceed 2**31 elements for large clips.
+    """
+    return ptr + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + head * stride_head
+
+
+@triton.jit
 def tile_positions(pid_tile, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Row and column of each of the BLOCK_H*BLOCK_W positions of spatial tile `pid_tile` (row-major)."""
     tiles_w = tl.cdiv(W, BLOCK_W)

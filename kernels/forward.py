@@ -16,7 +16,8 @@ the one before it, so T-1 frame pairs are computed and the last pair is written 
 import triton
 import triton.language as tl
 
-from .common import load_padded_rows, load_rows, load_w1_transposed, load_w2_columns, quick_gelu, tile_positions
+from .common import (frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed,
+                     load_w2_columns, quick_gelu, tile_positions)
 
 
 @triton.jit
@@ -39,18 +40,15 @@ def emim_forward_kernel(
     RADIUS: tl.constexpr = WINDOW // 2
 
     pid_tile, head, pid_pair = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = pid_pair // num_pairs
-    tq = pid_pair % num_pairs
-    tk = tq + key_frame_offset  # the next frame; the same frame when T = 1
+    b, tq, tk = frame_pair(pid_pair, num_pairs, key_frame_offset)
 
     y, x = tile_positions(pid_tile, W, BLOCK_H, BLOCK_W)
     channels = tl.arange(0, BLOCK_D)
     window_cols = tl.arange(0, WINDOW_PAD)
 
-    # int64 bases: B*T*H*W*heads*D can exceed 2**31 elements for large clips.
-    q_frame = q_ptr + b.to(tl.int64) * stride_qb + tq.to(tl.int64) * stride_qt + head * stride_qn
-    k_frame = k_ptr + b.to(tl.int64) * stride_kb + tk.to(tl.int64) * stride_kt + head * stride_kn
-    v_frame = v_ptr + b.to(tl.int64) * stride_vb + tk.to(tl.int64) * stride_vt + head * stride_vn
+    q_frame = head_of_frame(q_ptr, b, tq, head, stride_qb, stride_qt, stride_qn)
+    k_frame = head_of_frame(k_ptr, b, tk, head, stride_kb, stride_kt, stride_kn)
+    v_frame = head_of_frame(v_ptr, b, tk, head, stride_vb, stride_vt, stride_vn)
 
     qrows, query_valid = load_rows(q_frame, y, x, H, W, stride_qy, stride_qx, channels, D)
 

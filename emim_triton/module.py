@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .checks import MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, MIN_WINDOW
 from .functional import BACKENDS, emim_attention
@@ -45,14 +46,19 @@ class EMIM(nn.Module):
         pad_value: value of keys and values outside the frame (the authors' constant padding, 1e-6).
         backend: the op's backend, "auto" (fused Triton kernels on CUDA, the PyTorch reference on CPU),
             "triton" or "reference".
+        num_prefix_tokens: tokens before the video's T*H*W patch tokens that belong to no frame (a ViT's
+            class token, register tokens). Their queries keep global attention over all tokens, with the
+            same projections, so a class token still gathers the whole clip; the patch tokens get EMIM
+            (which reads only patch tokens: they no longer see the prefix tokens).
 
-    ``forward(x, frames)`` takes tokens (B, T*H*W, C) in (t, y, x) order with ``frames=(T, H, W)``, or a
-    (B, T, H, W, C) tensor, and returns the same layout.
+    ``forward(x, frames)`` takes tokens (B, num_prefix_tokens + T*H*W, C), the patch tokens in (t, y, x)
+    order, with ``frames=(T, H, W)``, or a (B, T, H, W, C) tensor (no prefix tokens), and returns the same
+    layout.
     """
 
     def __init__(self, dim: int, num_heads: int, window: int = 7, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 pad_value: float = 1e-6, backend: str = "auto"):
+                 pad_value: float = 1e-6, backend: str = "auto", num_prefix_tokens: int = 0):
         super().__init__()
         # Refuse bad configurations here, when the model is built, rather than at its first forward.
         if dim % num_heads != 0:
@@ -68,11 +74,14 @@ class EMIM(nn.Module):
                              f"never materialise the attention probabilities), got {attn_drop}")
         if backend not in BACKENDS:
             raise ValueError(f"EMIM: backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"EMIM: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
 
         self.dim, self.num_heads, self.head_dim, self.window = dim, num_heads, head_dim, window
         self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
         self.pad_value = pad_value
         self.backend = backend
+        self.num_prefix_tokens = num_prefix_tokens
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -104,19 +113,34 @@ class EMIM(nn.Module):
     def forward(self, x: torch.Tensor, frames: tuple[int, int, int] | None = None) -> torch.Tensor:
         B, T, H, W = self._layout(x, frames)
         # One Linear for q, k and v; the op reads the three as strided views of its output (no copies).
-        qkv = self.qkv(x).view(B, T, H, W, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(4)
+        qkv = self.qkv(x)
+        patches = qkv[:, self.num_prefix_tokens:] if self.num_prefix_tokens else qkv
+        q, k, v = patches.view(B, T, H, W, 3, self.num_heads, self.head_dim).unbind(4)
         hidden_layer, _, output_layer = self.motion_conv
         out = emim_attention(q, k, v, self.rpb, hidden_layer.weight, hidden_layer.bias, output_layer.weight,
                              output_layer.bias, scale=self.scale, pad_value=self.pad_value, backend=self.backend)
         # The op's output is contiguous (B, T, H, W, heads, D), so merging the heads is a free view.
-        out = out.view(*x.shape[:-1], self.dim)
+        if self.num_prefix_tokens:
+            out = torch.cat([self._prefix_attention(qkv), out.view(B, T * H * W, self.dim)], dim=1)
+        else:
+            out = out.view(*x.shape[:-1], self.dim)
         return self.proj_drop(self.proj(out))
+
+    def _prefix_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The prefix tokens' outputs (B, n, C): their queries attend to all N tokens, as in the global
+        attention EMIM replaced, from the qkv projection already computed for the patches."""
+        B, N, _ = qkv.shape
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q[:, :, :self.num_prefix_tokens], k, v, scale=self.scale)
+        return out.transpose(1, 2).reshape(B, self.num_prefix_tokens, self.dim)
 
     def _layout(self, x: torch.Tensor, frames) -> tuple[int, int, int, int]:
         """(B, T, H, W) of the input, after checking x and frames agree with each other and with dim."""
         if x.dim() == 5:
             B, T, H, W, C = x.shape
+            if self.num_prefix_tokens:
+                raise ValueError(f"EMIM: this module has num_prefix_tokens = {self.num_prefix_tokens}, which "
+                                 f"only (B, N, C) token input can carry; got x of shape {tuple(x.shape)}")
             if frames is not None and tuple(frames) != (T, H, W):
                 raise ValueError(f"EMIM: frames={tuple(frames)} does not match x of shape {tuple(x.shape)} "
                                  f"(B, T, H, W, C); leave frames out for 5-D input")
@@ -128,9 +152,11 @@ class EMIM(nn.Module):
             if len(frames) != 3:
                 raise ValueError(f"EMIM: frames must be (T, H, W), got {frames!r}")
             T, H, W = (int(f) for f in frames)
-            if T * H * W != N:
-                raise ValueError(f"EMIM: frames=(T, H, W)={(T, H, W)} gives T*H*W = {T * H * W} tokens, but x "
-                                 f"of shape {tuple(x.shape)} has N = {N}")
+            prefix = self.num_prefix_tokens
+            if T * H * W + prefix != N:
+                expected = f" plus {prefix} prefix tokens = {T * H * W + prefix}" if prefix else ""
+                raise ValueError(f"EMIM: frames=(T, H, W)={(T, H, W)} gives T*H*W = {T * H * W} tokens{expected}, "
+                                 f"but x of shape {tuple(x.shape)} has N = {N}")
         else:
             raise ValueError(f"EMIM: x must be (B, T*H*W, C) tokens with frames=(T, H, W), or (B, T, H, W, C); "
                              f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
@@ -199,5 +225,6 @@ class EMIM(nn.Module):
         return {"rpb"}
 
     def extra_repr(self) -> str:
+        prefix = f", num_prefix_tokens={self.num_prefix_tokens}" if self.num_prefix_tokens else ""
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}, "
-                f"scale={self.scale:.4g}, pad_value={self.pad_value:g}, backend={self.backend!r}")
+                f"scale={self.scale:.4g}, pad_value={self.pad_value:g}, backend={self.backend!r}{prefix}")

@@ -226,6 +226,28 @@ def test_state_dict_names_match_the_authors_checkpoints():
     assert shapes["rpb"] == (HEADS, WINDOW, WINDOW)
 
 
+def test_prefix_tokens_keep_global_attention_and_the_patches_get_emim():
+    """A class token (or any prefix token) attends to all tokens as in global attention; the patch tokens
+    get EMIM over the patch tokens alone, exactly as in a module without prefix tokens."""
+    module, plain = make_module(num_prefix_tokens=2), make_module()  # same seed: same weights
+    patches = tokens()
+    x = torch.cat([torch.randn(2, 2, DIM, dtype=torch.float64), patches], dim=1)
+    out = module(x, frames=FRAMES)
+    assert relative_error(out[:, 2:], plain(patches, frames=FRAMES)) < REFERENCE_RTOL[torch.float64]
+
+    B, N, C = x.shape
+    q, k, v = module.qkv(x).view(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(module.scale * q[:, :, :2] @ k.transpose(-1, -2), dim=-1)
+    expected = module.proj((weights @ v).transpose(1, 2).reshape(B, 2, C))
+    assert relative_error(out[:, :2], expected) < REFERENCE_RTOL[torch.float64]
+
+    with pytest.raises(ValueError, match=r"60 tokens plus 2 prefix tokens = 62.*N = 60"):
+        module(patches, frames=FRAMES)
+    with pytest.raises(ValueError, match=r"only \(B, N, C\) token input"):
+        module(patches.view(2, *FRAMES, DIM))
+    assert "num_prefix_tokens=2" in repr(module)
+
+
 def test_extra_repr_shows_the_configuration():
     assert "num_heads=2, head_dim=16, window=3" in repr(make_module())
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .autotune import resolve_configs
 from .checks import EMIMShape
-from .configs import (EMIMConfigs, RowConfig, TileConfig, default_configs, interpreter_configs, padded_head_dim,
-                      padded_window_area)
-from .functional import interpreter_enabled
+from .configs import EMIMConfigs, RowConfig, TileConfig, padded_head_dim, padded_window_area
 from .kernels.backward_key_value import emim_backward_key_value_kernel
 from .kernels.backward_query import emim_backward_query_kernel
 from .kernels.backward_weights import emim_backward_weights_kernel
@@ -49,9 +48,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def configs_for(shape: EMIMShape, dtype: torch.dtype) -> EMIMConfigs:
-    """The launch configurations for a shape (the autotuner's cache will slot in here)."""
-    choose = interpreter_configs if interpreter_enabled() else default_configs
-    return choose(shape.height, shape.width, shape.window, shape.head_dim, dtype)
+    """The launch configurations for a shape: the interpreter's under TRITON_INTERPRET=1, else this GPU's
+    tuned ones (user cache, opt-in tuning, shipped defaults), else the heuristic; see emim_triton.autotune."""
+    return resolve_configs(shape, dtype).configs
 
 
 @dataclass

@@ -26,21 +26,21 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from emim_triton.checks import EMIMShape
+from emim_triton.cost_model import emim_cost
+
 
 def emim_forward_flops(batch: int, frames: int, height: int, width: int, heads: int, head_dim: int,
                        window: int) -> int:
-    """FLOPs of one EMIM forward, from SPEC's cost model.
+    """FLOPs of one EMIM forward: `emim_triton.cost_model`, the one home of SPEC's cost model.
 
-    Per computed query row (one query position and head): QK 2K²D + AV 2K²D + motion MLP
-    2·K²·4K² + 2·4K²·D. The rows computed are B x (T - 1) frame pairs x H x W x heads: output frame T-1
-    is a copy of frame T-2 and costs nothing (T = 1: one pair, the frame with itself). This is the work
-    the fused kernels and the reference both do; the paper's tables count T frames instead, 1/T more
-    EMIM work (0.15% of EMIM-S16's total).
+    The rows computed are B x (T - 1) frame pairs x H x W x heads: output frame T-1 is a copy of frame
+    T-2 and costs nothing (T = 1: one pair, the frame with itself). This is the work the fused kernels and
+    the reference both do; the paper's tables count T frames instead, 1/T more EMIM work (0.15% of
+    EMIM-S16's total).
     """
-    area, hidden = window * window, 4 * window * window
-    per_row = 2 * area * head_dim + 2 * area * head_dim + 2 * area * hidden + 2 * hidden * head_dim
-    rows = batch * max(frames - 1, 1) * height * width * heads
-    return rows * per_row
+    shape = EMIMShape(batch, frames, height, width, heads, head_dim, window)
+    return emim_cost(shape).forward_flops
 
 
 def _emim_forward_formula(q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs) -> int:
@@ -49,9 +49,10 @@ def _emim_forward_formula(q_shape, k_shape, v_shape, rpb_shape, *args, out_shape
 
 
 def _emim_backward_formula(grad_shape, q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs):
-    # Every product of the forward has two gradient products (w.r.t. each operand), as autograd's
-    # matmul backward counts on the reference path; the fused kernels' recomputation is not counted.
-    return 2 * _emim_forward_formula(q_shape, k_shape, v_shape, rpb_shape)
+    # The cost model's convention: every product of the forward has two gradient products (w.r.t. each
+    # operand), as autograd's matmul backward counts on the reference path; recomputation is not counted.
+    B, T, H, W, heads, D = q_shape
+    return emim_cost(EMIMShape(B, T, H, W, heads, D, rpb_shape[-1])).backward_flops
 
 
 def _cpu_sdpa_formula(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:

@@ -1,0 +1,1 @@
+"""Video datasets: annotation formats, readers (PyAV, frame folders), clip sampling and transforms."""

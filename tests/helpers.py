@@ -8,6 +8,16 @@ import torch
 
 GRAD_NAMES = ("q", "k", "v", "rpb", "w1", "b1", "w2", "b2")
 
+# Tiny (B, T, H, W, heads, D, K) cases, as (id, shape), for both the reference and the interpreted
+# kernels: T in {1, 2, 3}, H != W, H or W < K, K in {3, 5, 7}, D not a power of two.
+TINY_SHAPES = (
+    ("T1-self-attention-W<K", (1, 1, 3, 2, 1, 16, 3)),
+    ("T2-two-heads", (1, 2, 4, 5, 2, 16, 3)),
+    ("T3-H<K", (1, 3, 3, 5, 1, 32, 5)),
+    ("B2-D24-frame-smaller-than-window", (2, 2, 2, 3, 2, 24, 5)),
+    ("K7", (1, 2, 5, 4, 1, 16, 7)),
+)
+
 # Filled by tests/test_aot_compile.py, printed at the end of the session by tests/conftest.py.
 AOT_REPORT: list = []
 

@@ -9,19 +9,12 @@ import pytest
 import torch
 
 from emim_triton import emim_attention, emim_reference, triton_backend
-from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, low_precision_bound, make_inputs, relative_error,
-                     test_device)
+from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, TINY_SHAPES, low_precision_bound, make_inputs,
+                     relative_error, test_device)
 
 DEVICE = test_device()
 
-# (B, T, H, W, heads, D, K): T in {1, 2, 3}, H != W, H or W < K, K in {3, 5, 7}, D not a power of two.
-SHAPES = [
-    pytest.param((1, 1, 3, 2, 1, 16, 3), id="T1-self-attention-W<K"),
-    pytest.param((1, 2, 4, 5, 2, 16, 3), id="T2-two-heads"),
-    pytest.param((1, 3, 3, 5, 1, 32, 5), id="T3-H<K"),
-    pytest.param((2, 2, 2, 3, 2, 24, 5), id="B2-D24-frame-smaller-than-window"),
-    pytest.param((1, 2, 5, 4, 1, 16, 7), id="K7"),
-]
+SHAPES = [pytest.param(shape, id=name) for name, shape in TINY_SHAPES]
 
 
 @pytest.fixture(autouse=True)

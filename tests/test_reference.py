@@ -7,16 +7,9 @@ import pytest
 import torch
 
 from emim_triton import emim_reference
-from helpers import GRAD_NAMES, REFERENCE_RTOL, make_inputs, relative_error
+from helpers import GRAD_NAMES, REFERENCE_RTOL, TINY_SHAPES, make_inputs, relative_error
 
-# (B, T, H, W, heads, D, K): T in {1, 2, 3}, H != W, H or W < K, K in {3, 5, 7}.
-SHAPES = [
-    pytest.param((1, 1, 3, 2, 1, 16, 3), id="T1-self-attention-W<K"),
-    pytest.param((1, 2, 4, 5, 2, 16, 3), id="T2-two-heads"),
-    pytest.param((1, 3, 3, 5, 1, 32, 5), id="T3-H<K"),
-    pytest.param((2, 2, 2, 3, 2, 24, 5), id="B2-frame-smaller-than-window"),
-    pytest.param((1, 2, 5, 4, 1, 16, 7), id="K7"),
-]
+SHAPES = [pytest.param(shape, id=name) for name, shape in TINY_SHAPES]
 
 
 def naive_emim(q, k, v, rpb, w1, b1, w2, b2, scale, pad_value):

@@ -1,0 +1,98 @@
+"""Turning a validated config into the pieces of a run: resolved options, datasets, loaders, model.
+
+"Resolved" means every automatic choice made explicit — the model's frames, size and normalisation, the
+dataset format's sampling and flip, the device's precision and EMIM backend, the annotation files — so that
+``<run_dir>/config.yaml`` says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+
+import torch
+from torch.utils.data import DataLoader
+
+from emim_triton.data.build import DataOptions, build_dataset, read_classes
+from emim_triton.data.dataset import collate
+from emim_triton.data.samplers import ShardedSampler
+from emim_triton.data.seeding import derive_seed
+
+from .config import ConfigError, TrainConfig
+from .distributed import Dist
+
+
+def resolve(cfg: TrainConfig, dist: Dist) -> TrainConfig:
+    """A copy of `cfg` with the automatic values filled in for this model, dataset and device."""
+    from emim_triton.models import get_model_cfg
+
+    model_cfg = get_model_cfg(cfg.model)
+    size = model_cfg["img_size"]
+    updates = dict(
+        num_frames=cfg.num_frames or model_cfg["num_frames"],
+        img_size=cfg.img_size or (size if isinstance(size, int) else size[0]),
+        mean=tuple(cfg.mean or model_cfg["mean"]), std=tuple(cfg.std or model_cfg["std"]),
+        device=dist.device.type,
+        attn_backend=cfg.attn_backend if cfg.attn_backend != "auto" else
+        ("triton" if dist.device.type == "cuda" else "reference"),  # never the slow interpreter for training
+        amp=cfg.amp if cfg.amp != "auto" else ("bf16" if dist.device.type == "cuda" else "fp32"),
+    )
+    if updates["amp"] == "fp16" and dist.device.type != "cuda":
+        raise ConfigError(f"amp = 'fp16' needs a GPU (device is {dist.device.type}); use bf16 or fp32 on CPU")
+    cfg = dataclasses.replace(cfg, **updates)
+    options = data_options(cfg)
+    updates = dict(sampling=options.resolved_sampling, flip=options.resolved_flip)
+    if cfg.dataset != "random":
+        updates.update(train_list=options.annotation_file("train"), val_list=options.annotation_file("val"),
+                       test_list=options.annotation_file("test"))
+        if "labels" in options.format.files:
+            updates["labels_file"] = options.annotation_file("labels")
+    return dataclasses.replace(cfg, **updates)
+
+
+def data_options(cfg: TrainConfig) -> DataOptions:
+    """The data-related fields of the config (the two share field names)."""
+    names = {f.name for f in dataclasses.fields(DataOptions)} & {f.name for f in dataclasses.fields(TrainConfig)}
+    return DataOptions(**{name: getattr(cfg, name) for name in names})
+
+
+def build_data(cfg: TrainConfig, splits: tuple[str, ...]) -> tuple[list[str], dict]:
+    """Class names and the datasets of the requested splits ("train" gets the training transform)."""
+    options = data_options(cfg)
+    classes = read_classes(options)
+    datasets = {split: build_dataset(options, split, classes, train=split == "train") for split in splits}
+    return classes, datasets
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops them in
+    order (a Ctrl-C reaches the whole process group; killed workers would make the main process fail
+    before it could save), and decode with one thread each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset, cfg: TrainConfig, dist: Dist, train: bool, length: int | None = None) -> DataLoader:
+    """A loader over this rank's shard. Training: `length` samples per epoch (whole optimizer steps).
+
+    The loader gets its own generator: DataLoader draws its workers' base seed from it at every epoch,
+    and drawing from the global RNG instead would shift drop-path's random stream on resumption.
+    """
+    sampler = ShardedSampler(len(dataset), rank=dist.rank, world_size=dist.world_size, shuffle=train,
+                             seed=cfg.seed, length=length)
+    workers = cfg.num_workers
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=workers, pin_memory=dist.device.type == "cuda", drop_last=False,
+                      persistent_workers=workers > 0, worker_init_fn=_quiet_worker if workers else None,
+                      generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader", dist.rank)))
+
+
+def build_model(cfg: TrainConfig, num_classes: int, with_pretrained: bool = True) -> torch.nn.Module:
+    from emim_triton.models import create_model
+
+    return create_model(cfg.model, num_classes=num_classes,
+                        pretrained=cfg.pretrained if with_pretrained else None,
+                        attn_backend=cfg.attn_backend, drop_path_rate=cfg.drop_path, drop_rate=cfg.dropout,
+                        num_frames=cfg.num_frames, img_size=cfg.img_size, mean=cfg.mean, std=cfg.std,
+                        grad_checkpointing=cfg.grad_checkpointing)

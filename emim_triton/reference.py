@@ -76,9 +76,15 @@ def autocast_disabled(device: torch.device):
     Under ``torch.autocast`` those ops would otherwise run in bf16/fp16 and break the precision contract
     (affinities, softmax and MLP in float32); devices without autocast (e.g. 'meta') need nothing.
     """
-    if torch.amp.is_autocast_available(device.type):
+    if device.type in _AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+# Looked up once, at import: torch.compile (dynamo, torch 2.11) cannot trace torch.amp.is_autocast_available,
+# but a membership test in a constant set traces cleanly.
+_AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
+                                   if torch.amp.is_autocast_available(t))
 
 
 def _emim_pairs(q, k, v, rpb, w1, b1, w2, b2, scale, pad_value):

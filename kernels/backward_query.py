@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import (frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed, load_w2_columns,
-                     quick_gelu_grad, tile_positions)
+                     mlp_dot, quick_gelu_grad, tile_positions)
 
 
 @triton.jit
@@ -81,11 +81,11 @@ def emim_backward_query_kernel(
         units = start + tl.arange(0, HIDDEN_CHUNK)
         w1t = load_w1_transposed(w1_ptr, units, window_cols, WINDOW_AREA, HIDDEN)
         b1 = tl.load(b1_ptr + units, mask=units < HIDDEN, other=0.0).to(tl.float32)
-        z = tl.dot(affinity, w1t, input_precision=DOT_PRECISION) + b1[None, :]
+        z = mlp_dot(affinity, w1t, DOT_PRECISION) + b1[None, :]
         w2c = load_w2_columns(w2_ptr, units, channels, D, HIDDEN)
-        d_hidden = tl.dot(grows, w2c, input_precision=DOT_PRECISION)
+        d_hidden = mlp_dot(grows, w2c, DOT_PRECISION)
         dz = d_hidden * quick_gelu_grad(z)
-        d_affinity += tl.dot(dz, tl.trans(w1t), input_precision=DOT_PRECISION)
+        d_affinity += mlp_dot(dz, tl.trans(w1t), DOT_PRECISION)
 
     row_mask = query_valid[:, None] & window_valid[None, :]
     scratch_ptrs = (pair_index * (H * W * HEADS) + position)[:, None] * WINDOW_AREA + window_cols[None, :]

@@ -15,7 +15,7 @@ bit-identical run after run (no atomics).
 import triton
 import triton.language as tl
 
-from .common import load_w1_transposed, load_w2_columns, quick_gelu, quick_gelu_grad
+from .common import load_w1_transposed, load_w2_columns, mlp_dot, quick_gelu, quick_gelu_grad
 
 
 @triton.jit
@@ -53,12 +53,12 @@ def emim_backward_weights_kernel(
                     mask=row_valid[:, None] & (window_cols[None, :] < WINDOW_AREA), other=0.0)
         g = tl.load(grad_ptr + row[:, None] * D + channels[None, :],
                     mask=row_valid[:, None] & (channels[None, :] < D), other=0.0)
-        z = tl.dot(a, w1t, input_precision=DOT_PRECISION) + b1[None, :]
+        z = mlp_dot(a, w1t, DOT_PRECISION) + b1[None, :]
         # Rows past the end have g = 0, hence dz = 0: they add nothing to any sum below.
-        dz = tl.dot(g, w2c, input_precision=DOT_PRECISION) * quick_gelu_grad(z)
-        dw1 += tl.dot(tl.trans(dz), a, input_precision=DOT_PRECISION)
+        dz = mlp_dot(g, w2c, DOT_PRECISION) * quick_gelu_grad(z)
+        dw1 += mlp_dot(tl.trans(dz), a, DOT_PRECISION)
         db1 += tl.sum(dz, axis=0)
-        dw2 += tl.dot(tl.trans(g), quick_gelu(z), input_precision=DOT_PRECISION)
+        dw2 += mlp_dot(tl.trans(g), quick_gelu(z), DOT_PRECISION)
 
     dw1_ptrs = dw1_partial_ptr + program * (HIDDEN * WINDOW_AREA) + units[:, None] * WINDOW_AREA + window_cols[None, :]
     tl.store(dw1_ptrs, dw1, mask=unit_valid[:, None] & (window_cols[None, :] < WINDOW_AREA))

@@ -16,8 +16,8 @@ the one before it, so T-1 frame pairs are computed and the last pair is written 
 import triton
 import triton.language as tl
 
-from .common import (frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed,
-                     load_w2_columns, quick_gelu, tile_positions)
+from .common import (frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed, load_w2_columns,
+                     mlp_dot, quick_gelu, tile_positions)
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def emim_forward_kernel(
     BLOCK_D: tl.constexpr,         # D padded to a power of two >= 16
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HIDDEN_CHUNK: tl.constexpr,
     STORE_LSE: tl.constexpr,       # write the softmax log-sum-exp for the backward
-    DOT_PRECISION: tl.constexpr,   # "ieee" for float32-exact products, "tf32" for speed
+    DOT_PRECISION: tl.constexpr,   # "ieee": float32-exact products; "tf32": tensor cores, operands rounded
 ):
     WINDOW_AREA: tl.constexpr = WINDOW * WINDOW
     HIDDEN: tl.constexpr = 4 * WINDOW_AREA
@@ -79,9 +79,9 @@ def emim_forward_kernel(
         units = start + tl.arange(0, HIDDEN_CHUNK)
         w1t = load_w1_transposed(w1_ptr, units, window_cols, WINDOW_AREA, HIDDEN)
         b1 = tl.load(b1_ptr + units, mask=units < HIDDEN, other=0.0).to(tl.float32)
-        hidden = quick_gelu(tl.dot(affinity, w1t, input_precision=DOT_PRECISION) + b1[None, :])
+        hidden = quick_gelu(mlp_dot(affinity, w1t, DOT_PRECISION) + b1[None, :])
         w2c = load_w2_columns(w2_ptr, units, channels, D, HIDDEN)
-        motion += tl.dot(hidden, tl.trans(w2c), input_precision=DOT_PRECISION)
+        motion += mlp_dot(hidden, tl.trans(w2c), DOT_PRECISION)
     b2 = tl.load(b2_ptr + channels, mask=channels < D, other=0.0).to(tl.float32)
     out = context + motion + b2[None, :]
 

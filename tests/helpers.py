@@ -37,15 +37,23 @@ REFERENCE_RTOL = {
 FP32_KERNEL_RTOL = 1e-5
 
 
+# Two units of tf32 rounding (unit roundoff 2**-11): on a GPU the kernels run the motion MLP's products on
+# tensor cores with tf32-rounded operands when the inputs are fp16/bf16 (float32 accumulation, SPEC.md),
+# where the reference multiplies in full float32.
+TF32_ALLOWANCE = 2.0 ** -10
+
+
 def low_precision_bound(reference_error: float) -> float:
     """Allowed error of the fused op in fp16/bf16, given the reference's own error in that dtype.
 
-    The kernels compute in float32 like the reference, so a GPU lands at ~1x the reference's error;
-    the interpreter truncates float32 -> bfloat16 on store where a GPU rounds to nearest, which doubles
-    the output rounding error (measured 2.0-2.1x). Hence 2x on a GPU, 2.5x in the interpreter.
+    Both compute in float32 from the same rounded inputs, so the fused op should land near the reference's
+    own error: 2x it on a GPU. The interpreter truncates float32 -> bfloat16 on store where a GPU rounds to
+    nearest, which doubles the output rounding error (measured 2.0-2.1x): 2.5x there. The tf32 rounding of
+    the MLP's operands (done by the kernels, so also in the interpreter) adds its own error, which shows
+    where the reference's is tiny (the float32 rpb's gradient: 1e-7 vs 4e-4): at least `TF32_ALLOWANCE`.
     """
     factor = 2.5 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 2.0
-    return factor * reference_error + 1e-7
+    return max(factor * reference_error, TF32_ALLOWANCE)
 
 
 def test_device() -> str:

@@ -31,8 +31,10 @@ def data(tmp_path_factory):
 
 
 def train_args(data: str, run_dir, *extra) -> list[str]:
-    """Tiny but complete: EMA, mixup/cutmix, drop-path, accumulation, warm-up, evaluation every epoch."""
-    return ["--model", "emim_uniformer_xt", "--attn-backend", "reference", "--dataset", "ssv2",
+    """Tiny but complete: EMA, mixup/cutmix, drop-path, accumulation, warm-up, evaluation every epoch.
+    On the CPU also where a GPU is present: exact resumption is promised on the CPU, and gloo serves the
+    2-process run on a one-GPU machine."""
+    return ["--model", "emim_uniformer_xt", "--attn-backend", "reference", "--dataset", "ssv2", "--device", "cpu",
             "--data-root", os.path.join(data, "videos"),
             "--train-list", os.path.join(data, "something-something-v2-train.json"),
             "--val-list", os.path.join(data, "something-something-v2-validation.json"),

@@ -68,15 +68,43 @@ def make_op(backend: str, case: BenchCase, device: torch.device) -> Op:
         return emim_reference
     if backend == "compiled":
         # dynamic=False: specialise to this shape, as a fixed-shape training job would; the caller resets
-        # dynamo between shapes so no case inherits another's guards or recompile budget.
-        return torch.compile(emim_reference, dynamic=False)
+        # dynamo between shapes so no case inherits another's guards or recompile budget. One chunk: the
+        # reference's memory-bounding chunk loop would be unrolled into the graph (~100 chunks at the S16
+        # stage-3 shape: minutes of compiling, seen on an H200), and Inductor fuses the window gather anyway.
+        return torch.compile(functools.partial(emim_reference, chunk_pairs=1 << 30), dynamic=False)
     if backend == "flex":
         from .flex import emim_flex, window_block_mask
 
         s = case.shape
         mask = window_block_mask(s.height, s.width, s.window, device)
-        return functools.partial(torch.compile(emim_flex, dynamic=False), block_mask=mask)
+        return _FlexWithFallback(torch.compile(emim_flex, dynamic=False), mask)
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+# FlexAttention tiles that fit any GPU of sm_80 or later; 64 divides the block mask's 128-token blocks.
+FLEX_SMALL_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_stages=2,
+                        BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)
+
+
+class _FlexWithFallback:
+    """FlexAttention with Inductor's own tile choice; if that needs more shared memory than the GPU has
+    (seen: torch 2.11 on an H200, 240 KB asked, 227 KB there), once more with `FLEX_SMALL_TILES`, as a user
+    would. `note` says which ran."""
+
+    def __init__(self, compiled, block_mask):
+        self.compiled, self.block_mask = compiled, block_mask
+        self.kernel_options = None
+        self.note = ""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.compiled(*args, block_mask=self.block_mask, kernel_options=self.kernel_options, **kwargs)
+        except Exception as error:  # noqa: BLE001 - Inductor wraps the resource error in its own types
+            if self.kernel_options is not None or "out of resource" not in str(error):
+                raise
+            self.kernel_options = dict(FLEX_SMALL_TILES)
+            self.note = "flex tiles: " + ",".join(f"{k}={v}" for k, v in FLEX_SMALL_TILES.items())
+            return self.compiled(*args, block_mask=self.block_mask, kernel_options=self.kernel_options, **kwargs)
 
 
 # A child process runs torch.compile(emim_reference) forward + backward at a tiny size: with torch

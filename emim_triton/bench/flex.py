@@ -46,10 +46,11 @@ def window_block_mask(height: int, width: int, window: int, device):
                              KV_LEN=padded_height * padded_width, device=device)
 
 
-def emim_flex(q, k, v, rpb, w1, b1, w2, b2, *, block_mask, scale=None, pad_value=1e-6):
+def emim_flex(q, k, v, rpb, w1, b1, w2, b2, *, block_mask, scale=None, pad_value=1e-6, kernel_options=None):
     """EMIM with FlexAttention + an unfold cost volume; same arguments and result as `emim_reference`.
 
     block_mask: `window_block_mask(H, W, K, device)` for these inputs.
+    kernel_options: FlexAttention's tile options (None: Inductor's own choice).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -77,7 +78,8 @@ def emim_flex(q, k, v, rpb, w1, b1, w2, b2, *, block_mask, scale=None, pad_value
 
     context = flex_attention(queries, keys.reshape(N, heads, Hp * Wp, D).contiguous(),
                              values.reshape(N, heads, Hp * Wp, D).contiguous(), score_mod=add_bias,
-                             block_mask=block_mask, scale=scale)  # (N, heads, H*W, D)
+                             block_mask=block_mask, scale=scale,
+                             kernel_options=kernel_options)  # (N, heads, H*W, D)
 
     # Cost volume: the K² keys of every query, by unfolding the padded key frame.
     windows = F.unfold(keys.permute(0, 1, 4, 2, 3).reshape(N * heads, D, Hp, Wp).float(), K)

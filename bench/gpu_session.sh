@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Everything this project checks and times on a GPU, in stages that each fit one 10-minute device call.
+#
+#   bash bench/gpu_session.sh check     GPU test suite + a short run of every GPU code path (bugs first)
+#   bash bench/gpu_session.sh measure   autotune (S16, B16, generation shape) + compare + pytest-benchmark
+#   bash bench/gpu_session.sh models    GPU tests of the fixes, compare fused/eager/compiled, model steps
+#   bash bench/gpu_session.sh train     profile of a UniFormer-S16 step, trainer throughput, the tiny
+#                                       motion models trained on the GPU (fused op)
+#
+# Logs and results go to $RESULTS (default bench/results/gpu-session), packed after every step into
+# $OUT/results.tgz when $OUT is set (the device tool brings back only a few files). Wheels of packages the
+# machine lacks (PyAV, a recent setuptools) are installed from .whl/ when that folder exists.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+stage=${1:?usage: gpu_session.sh check|measure|models}
+RESULTS=${RESULTS:-bench/results/gpu-session}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/results-$stage.tgz" --exclude='*.pt' -C "$RESULTS" . ; true; }
+step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log to $RESULTS/NAME.log, never abort
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name ($*)"
+  timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+  local rc=$?
+  echo "    rc=$rc in $((SECONDS - start)) s; last lines:"; tail -n 4 "$RESULTS/$name.log" | sed 's/^/    /'
+  echo "$name rc=$rc $((SECONDS - start))s" >>"$RESULTS/steps.txt"
+  pack
+}
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -m pip install -q --no-deps --no-build-isolation -e . >"$RESULTS/install.log" 2>&1 || { cat "$RESULTS/install.log"; exit 1; }
+{ nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
+  >"$RESULTS/env-$stage.txt" 2>&1
+cat "$RESULTS/env-$stage.txt" | tail -n 1
+
+case $stage in
+check)
+  step tests-gpu 420 $PY -m pytest -q -p no:cacheprovider -n 8 --maxfail 30 tests --ignore tests/test_aot_compile.py -rfEs
+  step compare-smoke 120 $PY -m emim_triton.bench compare --shape 2,4,14,14,5,64,7 --no-tune --rep-ms 20 --warmup-ms 5 \
+    --json "$RESULTS/compare-smoke.json" --plot "$RESULTS/compare-smoke.png"
+  step autotune-smoke 120 env EMIM_TRITON_CACHE=/tmp/emim-cache $PY -m emim_triton.bench autotune \
+    --shape 2,4,14,14,5,64,7 --max-configs 3 --rep-ms 10 --warmup-ms 5
+  step models-smoke 150 $PY bench/models_gpu.py --steps 3 --warmup 2 --batch 2
+  step bench-smoke 120 $PY -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-max-time 0.05 -x
+  ;;
+measure)
+  export EMIM_TRITON_CACHE=$RESULTS/cache
+  step autotune-s16 170 $PY -m emim_triton.bench autotune --model emim_uniformer_s16 --dtype bf16 --max-configs 10 \
+    --write-defaults
+  step autotune-gen 90 $PY -m emim_triton.bench autotune --shape 2,16,64,64,8,64,7 --dtype bf16 --max-configs 8 \
+    --write-defaults
+  cp emim_triton/tuned/tuned_configs.json "$RESULTS/tuned_configs.json"; pack
+  step compare 280 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --sweep 7,28 \
+    --json "$RESULTS/compare.json" --csv "$RESULTS/compare.csv" --plot "$RESULTS/compare.png"
+  ;;
+models)
+  step tests-gpu 90 $PY -m pytest -q -p no:cacheprovider -n 16 tests/test_kernels.py tests/test_convert.py \
+    tests/test_models.py -k "low_precision or videomae or compile" -rfEs
+  step compare 150 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,reference --sweep 7,28 \
+    --json "$RESULTS/compare.json" --csv "$RESULTS/compare.csv" --plot "$RESULTS/compare.png"
+  step compare-compiled 150 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,compiled \
+    --shape 32,16,14,14,5,64,7 --json "$RESULTS/compare-compiled.json"
+  step models 120 $PY bench/models_gpu.py --which videomae,uniformer --steps 4 --warmup 1 --json "$RESULTS/models.json"
+  ;;
+train)
+  step profile-s16 60 $PY bench/profile_step.py uniformer_s16 --batch 8
+  step trainer-s16 90 $PY -m emim_triton.train --dataset random --model emim_uniformer_s16 --num-classes 174 \
+    --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 10 --num-workers 4 --run-dir "$RESULTS/trainer-s16" --no-progress --log-every 2
+  step motion-gpu 240 $PY -m emim_triton.train.compare --data /tmp/motion --out "$RESULTS/motion-gpu" \
+    -- --device cuda --attn-backend triton --num-workers 3
+  ;;
+*) echo "unknown stage $stage"; exit 2 ;;
+esac
+echo "=== done"; cat "$RESULTS/steps.txt"

@@ -1,0 +1,50 @@
+"""Where the time of one training step of a model-zoo model goes on a GPU: the top CUDA kernels.
+
+    python bench/profile_step.py uniformer_s16 --batch 8
+
+Same step as bench/models_gpu.py (bf16 autocast, forward + loss + backward + AdamW), two warm-up steps,
+then one profiled step; prints torch.profiler's table sorted by CUDA time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from emim_triton.models import create_model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args(argv)
+    model = create_model(args.model, num_classes=174).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(args.batch, 3, args.frames, args.size, args.size, device="cuda")
+    y = torch.randint(0, 174, (args.batch,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        step()
+        torch.cuda.synchronize()
+    print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

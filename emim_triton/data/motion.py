@@ -1,19 +1,25 @@
 """A generated motion-sensitive video dataset, written to disk in the Something-Something V2 layout.
 
-Every clip shows two or three textured objects on a textured background, all moving the same way. The classes
-differ **only in how the objects move**; each class has its time reversal among the others:
+Every clip shows a textured object on a textured background. The classes differ **only in how the object
+moves**, and each class is the time reversal of its partner, so that frame order is needed to tell them
+apart:
 
     0/1  moving left to right / right to left        direction
-    2/3  moving up / down                            direction
-    4/5  turning clockwise / counterclockwise        rotation sense
-    6/7  moving closer / away (growing / shrinking)  approach vs recede
-    8/9  speeding up / slowing down (any direction)  forward vs time-reversed
+    2/3  turning clockwise / counterclockwise        rotation sense
+    4/5  moving closer / away (growing / shrinking)  approach vs recede
+    6/7  speeding up / slowing down (any direction)  forward vs time-reversed (same path, either way)
+    8/9  moving up / down                            direction
 
-Nothing in a single frame tells the class: the colours, textures, shape and size of object and background
-are drawn at random per clip, the object stays in view at a random place, and its orientation and size
-ranges are the same for both classes of a pair. Only the change between frames — direction, sense, sign of
-the size change, growth or decay of the speed — carries the label. That is what EMIM's cost volume
-(next-frame affinities over a local window) exposes.
+Nothing in a single frame tells the class: the colours, textures, shape, size, orientation and place of
+object and background are drawn at random per clip, with the same ranges for both classes of a pair. Only
+the change between frames — direction, sense, sign of the size change, growth or decay of the speed —
+carries the label. (A position seen at a known time is a weak hint for translations — the object tends to
+start on the side it leaves — but that, too, is motion.) Per frame the object moves 6-9 px or turns
+20-30 degrees: about one stage-3 token of the tiny models (8 px at 64 px input), inside EMIM's 7 x 7
+window, and beyond the reach of a single 3 x 3 or 5 x 5 convolution at the earlier stages' resolutions.
+
+``--classes N`` keeps the first N classes (the main job uses 4: in its ten-minute CPU budget neither tiny
+model gets off chance on 6 or more, see README).
 
 Layout (what the trainer's ``ssv2`` format reads, so the demo goes through the real data path):
 
@@ -22,7 +28,7 @@ Layout (what the trainer's ``ssv2`` format reads, so the demo goes through the r
     <root>/something-something-v2-{train,validation}.json   [{"id", "label", "template", "placeholders"}]
     <root>/meta.json                                     the generator's parameters (the cache key)
 
-    python -m emim_triton.data.motion --out data/motion --train 1000 --val 200
+    python -m emim_triton.data.motion --out data/motion --train 1000 --val 200 --classes 4
 """
 
 from __future__ import annotations
@@ -40,12 +46,13 @@ import torch.nn.functional as F
 
 from .seeding import generator
 
-VERSION = 3  # bump when the rendering changes, so cached datasets are regenerated
+VERSION = 4  # bump when the rendering changes, so cached datasets are regenerated
 FPS = 12
 DEFAULT_TRAIN, DEFAULT_VAL = 1000, 200
-OBJECTS = (1, 1)          # objects per clip (min, max)
+OBJECTS = (1, 1)          # objects per clip (min, max), all moving the same way
 RADIUS = (0.2, 0.3)       # object radius, fraction of the frame side
-MARGIN = 0.0              # the centre stays this far (fraction of the side) from the borders
+MARGIN = 0.0              # how far inside the borders the centre stays (fraction of the side): 0 lets an
+                          # object be half out of view, which is what lets it move fast in a small frame
 SPEED = (6.0, 9.0)        # px per frame
 TURN = (20.0, 30.0)       # degrees per frame
 ZOOM = (2.5, 3.5)         # size ratio over the clip
@@ -117,9 +124,9 @@ def _object(gen: torch.Generator, canvas: int = 32) -> tuple[torch.Tensor, torch
 def trajectory(kind: str, parameter: float, frames: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Per-frame centre offset (x, y) in pixels from the clip's middle position, rotation (radians) and scale.
 
-    Speeds are per generated frame; the clips have about as many frames as a model samples (8), so they are
-    also about the displacement between the frames a model sees: 3.5-5.5 px, half to two thirds of a
-    stage-3 token of the tiny models (8 px at 64 px input).
+    Speeds are per generated frame; the clips have about as many frames as a model samples (8-12 vs 8), so
+    they are also about the displacement between the frames a model sees. Rotation is relative to each
+    object's own random orientation.
     """
     t = torch.arange(frames, dtype=torch.float32)
     middle = (frames - 1) / 2
@@ -167,12 +174,8 @@ def _place(offset: torch.Tensor, extent: torch.Tensor, size: int, gen: torch.Gen
 
 
 def render_clip(label: int, gen: torch.Generator, size: int = 64) -> tuple[np.ndarray, str]:
-    """One clip of class `label`: (T, size, size, 3) uint8 frames and a description of its objects.
-
-    Two or three objects, each with its own look, size, orientation and place, all moving the same way
-    (one motion per clip, as in "moving [something] up"): several moving things give the motion more pixels
-    than one small object would, and a model can only use what they share, the motion.
-    """
+    """One clip of class `label`: (T, size, size, 3) uint8 frames and a description of its objects
+    (`OBJECTS` of them, each with its own look, size, orientation and place, all moving the same way)."""
     _, kind, parameter = CLASSES[label]
     frames = int(torch.randint(8, 13, (1,), generator=gen))
     video = _background(gen, size)[None].expand(frames, -1, -1, -1)

@@ -47,13 +47,27 @@ def plot_run(run_dir: str, out: str | None = None, title: str | None = None) -> 
     return out
 
 
-def plot_runs(run_dirs: dict[str, str], out: str, title: str) -> str:
-    """Several runs (label -> run dir) on the same two panels."""
+def plot_runs(run_dirs: dict[str, str], out: str, title: str, summary: dict[str, dict] | None = None) -> str:
+    """Several runs (label -> run dir) on the same two panels; with `summary` (label -> dict of top1,
+    params, wall time in s) a third panel of bars: final top-1, labelled with parameters and wall time."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (label, run_dir), colour in zip(run_dirs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        _draw(axes, read_log(os.path.join(run_dir, "log.jsonl")), label, colour)
-    _decorate(axes, title)
+    figure, axes = plt.subplots(1, 3 if summary else 2, figsize=(16 if summary else 11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, run_dir), colour in zip(run_dirs.items(), colours):
+        _draw(axes[:2], read_log(os.path.join(run_dir, "log.jsonl")), label, colour)
+    _decorate(axes[:2], title)
+    if summary:
+        bars = axes[2]
+        labels = list(summary)
+        values = [summary[k]["top1"] for k in labels]
+        bars.bar(range(len(labels)), values, color=colours[:len(labels)])
+        for i, label in enumerate(labels):
+            s = summary[label]
+            bars.text(i, values[i] + 1, f"{values[i]:.1f}%\n{s['params'] / 1e6:.3f} M params\n{s['wall_s']:.0f} s",
+                      ha="center", va="bottom", fontsize=8)
+        bars.set_xticks(range(len(labels)), labels, fontsize=8)
+        bars.set(ylabel="final val top-1 (%)", ylim=(0, 119), title="result")
+        bars.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
@@ -64,6 +78,7 @@ def _decorate(axes, title: str) -> None:
     loss_axes, accuracy_axes = axes
     loss_axes.set(xlabel="optimizer step", ylabel="training loss", title=title)
     accuracy_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="validation")
+    accuracy_axes.xaxis.get_major_locator().set_params(integer=True)
     for a in axes:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:

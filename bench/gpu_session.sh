@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh models    GPU tests of the fixes, compare fused/eager/compiled, model steps
 #   bash bench/gpu_session.sh train     profile of a UniFormer-S16 step, trainer throughput, the tiny
 #                                       motion models trained on the GPU (fused op)
+#   bash bench/gpu_session.sh extra     the trainer's exit after --stop-after; FlexAttention at S16 stage 3
 #
 # Logs and results go to $RESULTS (default bench/results/gpu-session), packed after every step into
 # $OUT/results.tgz when $OUT is set (the device tool brings back only a few files). Wheels of packages the
@@ -73,6 +74,13 @@ train)
     --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 10 --num-workers 4 --run-dir "$RESULTS/trainer-s16" --no-progress --log-every 2
   step motion-gpu 240 $PY -m emim_triton.train.compare --data /tmp/motion --out "$RESULTS/motion-gpu" \
     -- --device cuda --attn-backend triton --num-workers 3
+  ;;
+extra)
+  step trainer-stop 45 $PY -m emim_triton.train --dataset random --model emim_uniformer_xt --num-classes 10 \
+    --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 4 --num-workers 4 --run-dir "$RESULTS/trainer-stop" \
+    --no-progress --log-every 1
+  step compare-flex 95 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,flex \
+    --shape 32,16,14,14,5,64,7 --json "$RESULTS/compare-flex.json"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -111,6 +111,27 @@ def test_stop_and_resume_is_exact(data, reference_run, tmp_path):
     assert steps == list(range(1, 13))
 
 
+def test_close_shuts_down_the_workers_a_stop_leaves_running(data, tmp_path):
+    """A stop leaves persistent loader workers mid-epoch; Trainer.close() (which the CLI calls on every
+    exit path) shuts them down at once instead of leaving them to interpreter exit."""
+    import multiprocessing
+
+    from emim_triton.train.config import parse_config
+    from emim_triton.train.distributed import init_distributed
+    from emim_triton.train.setup import resolve
+    from emim_triton.train.trainer import Stopped, Trainer
+
+    cfg, _ = parse_config(train_args(data, tmp_path, "--num-workers", "1", "--stop-after", "2"))
+    dist = init_distributed("cpu")
+    trainer = Trainer(resolve(cfg, dist), dist)
+    with pytest.raises(Stopped):
+        trainer.fit()
+    assert multiprocessing.active_children(), "the premise: a stopped run's persistent workers are still up"
+    trainer.close()
+    assert multiprocessing.active_children() == []
+    trainer.close()  # twice is harmless
+
+
 def test_sigterm_checkpoints_and_resume_is_exact(data, reference_run, tmp_path):
     # a real signal, at whatever point the run has reached, with a DataLoader worker process running
     env = dict(os.environ, OMP_NUM_THREADS="1")

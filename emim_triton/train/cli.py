@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"emim-train: configuration error: {error}", file=sys.stderr)
         return 2
+    trainer = None
     try:
         trainer = Trainer(cfg, dist)
         if cfg.test:
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emim-train: dataset error: {error}", file=sys.stderr)
         return 2
     finally:
+        if trainer is not None:
+            trainer.close()  # loader workers down before interpreter exit (see Trainer.close)
         cleanup()
 
 

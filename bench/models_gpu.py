@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 
-def time_training_step(model, make_batch, loss_fn, steps: int, warmup: int) -> dict:
+def training_step(model, loss_fn, inputs, labels):
+    """A callable running one training step as emim-train does: bf16 autocast forward and loss, backward,
+    fused AdamW; returns the loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    inputs, labels = make_batch()
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -39,6 +40,12 @@ def time_training_step(model, make_batch, loss_fn, steps: int, warmup: int) -> d
         optimizer.step()
         return loss
 
+    return step
+
+
+def time_training_step(model, make_batch, loss_fn, steps: int, warmup: int) -> dict:
+    inputs, labels = make_batch()
+    step = training_step(model, loss_fn, inputs, labels)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()

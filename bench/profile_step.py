@@ -2,7 +2,7 @@
 
     python bench/profile_step.py uniformer_s16 --batch 8
 
-Same step as bench/models_gpu.py (bf16 autocast, forward + loss + backward + AdamW), two warm-up steps,
+The step of bench/models_gpu.py (bf16 autocast, forward + loss + backward + AdamW), two warm-up steps,
 then one profiled step; prints torch.profiler's table sorted by CUDA time.
 """
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from emim_triton.models import create_model
+from models_gpu import training_step  # bench/ is on sys.path when this script runs
 
 
 def main(argv=None) -> int:
@@ -25,17 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args(argv)
     model = create_model(args.model, num_classes=174).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(args.batch, 3, args.frames, args.size, args.size, device="cuda")
     y = torch.randint(0, 174, (args.batch,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(model, lambda m, inputs, labels: F.cross_entropy(m(inputs), labels), x, y)
     for _ in range(2):
         step()
     torch.cuda.synchronize()

@@ -208,7 +208,7 @@ class Trainer:
         cause, not yet re-checked on a GPU. The persistent iterator lives in the loader, so it is shut down
         there; calling this twice is harmless.
         """
-        for loader in (self.train_loader, self.val_loader):
+        for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):  # --test: none
             iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent iterator here
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
                 iterator._shutdown_workers()

@@ -2,7 +2,7 @@
 # Everything this project checks and times on a GPU, in stages that each fit one 10-minute device call.
 #
 #   bash bench/gpu_session.sh check     GPU test suite + a short run of every GPU code path (bugs first)
-#   bash bench/gpu_session.sh measure   autotune (S16, B16, generation shape) + compare + pytest-benchmark
+#   bash bench/gpu_session.sh measure   autotune (S16 stage 3 and 4, generation shape) + compare (all backends)
 #   bash bench/gpu_session.sh models    GPU tests of the fixes, compare fused/eager/compiled, model steps
 #   bash bench/gpu_session.sh train     profile of a UniFormer-S16 step, trainer throughput, the tiny
 #                                       motion models trained on the GPU (fused op)
@@ -13,7 +13,7 @@
 # machine lacks (PyAV, a recent setuptools) are installed from .whl/ when that folder exists.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-stage=${1:?usage: gpu_session.sh check|measure|models}
+stage=${1:?usage: gpu_session.sh check|measure|models|train|extra}
 RESULTS=${RESULTS:-bench/results/gpu-session}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
@@ -71,7 +71,8 @@ models)
 train)
   step profile-s16 60 $PY bench/profile_step.py uniformer_s16 --batch 8
   step trainer-s16 90 $PY -m emim_triton.train --dataset random --model emim_uniformer_s16 --num-classes 174 \
-    --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 10 --num-workers 4 --run-dir "$RESULTS/trainer-s16" --no-progress --log-every 2
+    --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 10 --num-workers 4 --run-dir "$RESULTS/trainer-s16" \
+    --no-progress --log-every 2
   step motion-gpu 240 $PY -m emim_triton.train.compare --data /tmp/motion --out "$RESULTS/motion-gpu" \
     -- --device cuda --attn-backend triton --num-workers 3
   ;;

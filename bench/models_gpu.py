@@ -43,8 +43,7 @@ def training_step(model, loss_fn, inputs, labels):
     return step
 
 
-def time_training_step(model, make_batch, loss_fn, steps: int, warmup: int) -> dict:
-    inputs, labels = make_batch()
+def time_training_step(model, inputs, labels, loss_fn, steps: int, warmup: int) -> dict:
     step = training_step(model, loss_fn, inputs, labels)
     for _ in range(warmup):
         step()
@@ -73,12 +72,10 @@ def uniformer(batch: int, steps: int, warmup: int) -> dict:
         torch.manual_seed(0)
         model = create_model(name, num_classes=174).cuda()
         params = sum(p.numel() for p in model.parameters())
-
-        def make_batch():
-            return torch.randn(batch, 3, 16, 224, 224, device="cuda"), torch.randint(0, 174, (batch,), device="cuda")
-
+        clips = torch.randn(batch, 3, 16, 224, 224, device="cuda")
+        labels = torch.randint(0, 174, (batch,), device="cuda")
         results[name] = dict(params=params, **time_training_step(
-            model, make_batch, lambda m, x, y: F.cross_entropy(m(x), y), steps, warmup))
+            model, clips, labels, lambda m, x, y: F.cross_entropy(m(x), y), steps, warmup))
         print(name, results[name], flush=True)
         del model
         torch.cuda.empty_cache()
@@ -100,14 +97,11 @@ def videomae(batch: int, steps: int, warmup: int) -> dict:
             print(report, flush=True)
         model = model.cuda()
         params = sum(p.numel() for p in model.parameters())
-
-        def make_batch():
-            return (torch.randn(batch, 16, 3, 224, 224, device="cuda"),  # VideoMAE takes (B, T, C, H, W)
-                    torch.randint(0, 174, (batch,), device="cuda"))
-
+        clips = torch.randn(batch, 16, 3, 224, 224, device="cuda")  # VideoMAE takes (B, T, C, H, W)
+        labels = torch.randint(0, 174, (batch,), device="cuda")
         name = "videomae_b_emim_every2" if converted else "videomae_b"
         results[name] = dict(params=params, attn_implementation=str(model.config._attn_implementation),
-                             **time_training_step(model, make_batch,
+                             **time_training_step(model, clips, labels,
                                                   lambda m, x, y: m(pixel_values=x, labels=y).loss, steps, warmup))
         print(name, results[name], flush=True)
         del model

@@ -197,6 +197,7 @@ def _measure_backend(case, backend, sets, expected, cost, ceilings, settings: Se
             row.first_call_s = first_call_seconds(calls[0], device)
             timing = time_call(Rotating(calls), device, settings.warmup_ms, settings.rep_ms)
             peak = peak_memory_bytes(calls[0], device)
+            row.note = row.note or getattr(op, "note", "")  # e.g. FlexAttention's fallback tiles
         except _WrongResult as e:
             row.status, row.note = "wrong", str(e)
             for later in settings.modes[settings.modes.index(mode) + 1:]:

@@ -6,6 +6,8 @@ their own model sees at once which tensor is wrong.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -146,3 +148,32 @@ def check_inputs(q, k, v, rpb, w1, b1, w2, b2) -> EMIMShape:
                 f"emim_attention: {name} must be float32 or q's dtype ({q.dtype}), got {t.dtype}"
             )
     return EMIMShape(B, T, H, W, heads, D, K)
+
+
+def _is_real_number(x) -> bool:
+    """A plain real number: int or float (numpy scalars included), but not bool and not a tensor."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor))
+
+
+def check_options(scale, pad_value) -> None:
+    """Validate the op's scalar options, the same way for both backends.
+
+    scale: None (D ** -0.5) or a finite number. A tensor is refused on both backends: the fused kernels
+    take the scale as a plain float and return no gradient for it, so a learnable
+    scale would silently stop learning there (fold a learnable temperature into q instead).
+    pad_value: a finite number, the value of keys and values outside the frame.
+    """
+    if scale is not None:
+        if isinstance(scale, torch.Tensor):
+            raise TypeError(f"emim_attention: scale must be a Python number or None, got a tensor "
+                            f"(shape {tuple(scale.shape)}); the op has no gradient for scale, so a tensor "
+                            f"scale is refused rather than silently left untrained; pass float(scale)")
+        if not _is_real_number(scale):
+            raise TypeError(f"emim_attention: scale must be a number or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"emim_attention: scale must be a finite number, got {scale!r}")
+    if not _is_real_number(pad_value):
+        raise TypeError(f"emim_attention: pad_value must be a number (the authors use 1e-6), "
+                        f"got {type(pad_value).__name__}")
+    if not math.isfinite(pad_value):
+        raise ValueError(f"emim_attention: pad_value must be finite, got {pad_value!r}")

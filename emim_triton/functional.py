@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .checks import check_inputs
+from .checks import check_inputs, check_options
 from .reference import emim_reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -37,13 +37,15 @@ def emim_attention(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, 
         rpb: (heads, K, K) relative-position bias; K (odd, 3..15) is read from it.
         w1 (4K², K²), b1 (4K²,), w2 (D, 4K²), b2 (D,): the motion MLP (nn.Linear convention).
             float32 or q's dtype (mixed precision keeps float32 master weights).
-        scale: attention scale, default D ** -0.5.
+        scale: attention scale, a number (default D ** -0.5); not a tensor: the op gives no gradient
+            for it.
         pad_value: value of keys and values outside the frame (the authors' constant padding).
         backend: "auto", "triton" (fused kernels) or "reference" (plain PyTorch).
     Returns:
         (B, T, H, W, heads, D) contiguous tensor in q's dtype; ``.view(B, T*H*W, heads*D)`` is free.
     """
     check_inputs(q, k, v, rpb, w1, b1, w2, b2)
+    check_options(scale, pad_value)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if resolve_backend(backend, q.device) == "reference":

@@ -43,8 +43,8 @@ def emim_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Ten
 
 @emim_backward_op.register_fake
 def _(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, scale, pad_value):
-    contiguous = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
-    return (*contiguous, *(torch.empty_like(t) for t in (rpb, w1, b1, w2, b2)))
+    # Every gradient comes back contiguous (triton_backend.backward), whatever its input's strides.
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, rpb, w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output):
@@ -61,6 +61,21 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("emim_triton::emim_forward", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("emim_attention: the triton backend has no double backward (gradients of its gradients, "
+                       "e.g. torch.autograd.grad(..., create_graph=True) followed by another backward); use "
+                       "backend='reference', which is differentiable to any order")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+# Registered so that a second-order backward fails with a message naming the limitation instead of torch's
+# generic "derivative not implemented" for an internal op name.
+torch.library.register_autograd("emim_triton::emim_backward", _no_double_backward, setup_context=_setup_nothing)
 
 
 def emim_fused(q, k, v, rpb, w1, b1, w2, b2, *, scale: float, pad_value: float) -> Tensor:

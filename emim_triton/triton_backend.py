@@ -150,10 +150,22 @@ def backward_weights_launch(affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_p
     )
 
 
+def contiguous_parameters(rpb, w1, b1, w2, b2) -> tuple[torch.Tensor, ...]:
+    """The five parameters as the kernels read them: dense and row-major.
+
+    The kernels index rpb, W1, b1, W2 and b2 by raw offsets (they are a few KB, so passing their strides
+    would cost registers for nothing); a transposed, sliced or expanded parameter -- `w.t()` of a stored
+    transposed weight, a Swin-style `table[index].view(K, K, h).permute(2, 0, 1)` bias -- is copied here.
+    Without this copy such a parameter is read in the wrong order: wrong outputs, silently.
+    """
+    return tuple(t.contiguous() for t in (rpb, w1, b1, w2, b2))
+
+
 def forward(q, k, v, rpb, w1, b1, w2, b2, shape: EMIMShape, scale: float, pad_value: float,
             store_lse: bool, configs: EMIMConfigs | None = None):
     """Run the forward kernel. Returns (out, lse); lse is (B, pairs, H, W, heads) float32 or None."""
     configs = configs or configs_for(shape, q.dtype)
+    rpb, w1, b1, w2, b2 = contiguous_parameters(rpb, w1, b1, w2, b2)
     B, T, H, W, heads, D = q.shape
     out = new_buffer((B, T, H, W, heads, D), q.dtype, q.device)
     lse = new_buffer((B, shape.pairs, H, W, heads), torch.float32, q.device) if store_lse else out
@@ -175,8 +187,10 @@ def fold_last_frame_grad(grad_out: torch.Tensor, shape: EMIMShape) -> torch.Tens
 
 def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scale: float, pad_value: float,
              configs: EMIMConfigs | None = None):
-    """Gradients for (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype."""
+    """Gradients for (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype (the parameters' gradients
+    contiguous, whatever the parameters' own strides: autograd accepts any layout for a gradient)."""
     configs = configs or configs_for(shape, q.dtype)
+    rpb, w1, b1, w2, b2 = contiguous_parameters(rpb, w1, b1, w2, b2)
     B, T, H, W, heads, D = q.shape
     device = q.device
     grad_pairs = fold_last_frame_grad(grad_out, shape)

@@ -80,3 +80,49 @@ def test_valid_inputs_pass():
     """The spoilers above start from inputs that are fine: the errors come from the one spoiled argument."""
     out = emim_attention(**make_inputs(*SHAPE), backend="reference")
     assert out.shape == SHAPE[:6]
+
+
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.fused)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options, error, message", [
+    (dict(scale=torch.tensor(0.25, requires_grad=True)), TypeError, r"scale must be a Python number or None, got a tensor"),
+    (dict(scale=torch.tensor(0.25)), TypeError, r"scale must be a Python number"),
+    (dict(scale="0.25"), TypeError, r"scale must be a number or None, got str"),
+    (dict(scale=float("inf")), ValueError, r"scale must be a finite number"),
+    (dict(pad_value=None), TypeError, r"pad_value must be a number"),
+    (dict(pad_value=True), TypeError, r"pad_value must be a number"),
+    (dict(pad_value=float("nan")), ValueError, r"pad_value must be finite"),
+], ids=["scale-tensor-with-grad", "scale-tensor", "scale-str", "scale-inf", "pad-none", "pad-bool", "pad-nan"])
+def test_bad_options_are_refused_alike_on_both_backends(backend, options, error, message):
+    """A tensor scale was differentiable on the reference and its gradient silently dropped on the fused path;
+    pad_value=None was silently 0 on one and a TypeError deep in the other. Now both refuse the same way."""
+    with pytest.raises(error, match=message):
+        emim_attention(**make_inputs(*SHAPE), **options, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numeric_options_are_accepted_on_both_backends(backend):
+    import numpy as np
+
+    outs = [emim_attention(**make_inputs(*SHAPE), scale=scale, pad_value=pad, backend=backend)
+            for scale, pad in ((0.25, 0), (np.float32(0.25), np.float64(0.0)))]
+    assert torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.fused
+def test_double_backward_on_the_fused_path_is_refused_by_name():
+    inputs = {n: t.requires_grad_() for n, t in make_inputs(*SHAPE).items()}
+    out = emim_attention(**inputs, backend="triton")
+    (grad_q,) = torch.autograd.grad(out.square().sum(), inputs["q"], create_graph=True)
+    with pytest.raises(RuntimeError, match=r"triton backend has no double backward.*backend='reference'"):
+        grad_q.sum().backward()
+
+
+def test_double_backward_works_on_the_reference():
+    inputs = {n: t.double().requires_grad_() for n, t in make_inputs(*SHAPE).items()}
+    out = emim_attention(**inputs, backend="reference")
+    (grad_q,) = torch.autograd.grad(out.square().sum(), inputs["q"], create_graph=True)
+    grad_q.sum().backward()
+    assert inputs["w1"].grad is not None and torch.isfinite(inputs["w1"].grad).all()

@@ -22,6 +22,27 @@ The two Hugging Face layouts and their return values are those of transformers 5
 
 Extra tokens: a layer whose input has ``prefix_tokens`` tokens before the T*H*W patch tokens (a class
 token) is converted with those tokens kept on global attention, see `EMIM`'s ``num_prefix_tokens``.
+
+Nothing is dropped: a converted layer takes over every parameter and buffer of the module it replaces, or
+the conversion is refused with those it cannot take over named (see `refuse_what_is_not_taken_over`).
+Separate q/k/v biases beside a bias-free ``qkv`` (timm's BEiT and EVA) are added into EMIM's qkv bias;
+relative position biases (BEiT's ``relative_position_bias_table``, timm's RelPos ``rel_pos``) and Swin's
+window attention are refused, before any layer of the model is replaced.
+
+Saving a converted model: its state dict holds EMIM's parameters (``qkv``, ``proj``, ``rpb``,
+``motion_conv``) where the original had its attention's, so it loads only into a model converted the same
+way. Hugging Face's ``save_pretrained`` / ``from_pretrained`` do not round-trip it: ``from_pretrained``
+builds the original architecture, reports the EMIM weights as unexpected keys and leaves the converted
+layers' attention randomly initialised (and ``save_pretrained`` renames some keys of the layers it knows,
+e.g. VideoMAE's query.bias to q_bias, so its file is no plain state dict either). Save the state dict, and
+reload by rebuilding the model, converting it with the same arguments, then loading it::
+
+    torch.save(model.state_dict(), "converted.pt")
+    model.config.save_pretrained("converted")                  # Hugging Face: the architecture
+
+    model = VideoMAEForVideoClassification(VideoMAEConfig.from_pretrained("converted"))
+    convert_to_emim(model, grid=(8, 14, 14))                   # the same arguments as before
+    model.load_state_dict(torch.load("converted.pt"))          # strict: every key must match
 """
 
 from __future__ import annotations
@@ -33,6 +54,7 @@ import torch
 import torch.nn as nn
 
 from .module import EMIM
+from .takeover import SEPARATE_BIASES, refuse_what_is_not_taken_over
 
 Grid = tuple[int, int, int]
 
@@ -132,7 +154,8 @@ def convert_to_emim(model: nn.Module, grid: Grid | Callable[[str], Grid] | None 
     Raises:
         ValueError: no attention layer of a known layout; an unknown entry in ``layers``; or a selected
             layer EMIM cannot represent (q/k normalisation, attention dropout, head_dim outside 16..128,
-            no grid). Nothing is replaced then: the model is converted whole or not at all.
+            no grid, Swin window attention, a parameter or buffer EMIM cannot take over such as a relative
+            position bias). Nothing is replaced then: the model is converted whole or not at all.
     """
     if prefix_tokens is None:
         prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
@@ -249,6 +272,7 @@ def _build(layer: AttentionLayer, grid: Grid | None, *, window: int, backend: st
            **kwargs) -> EMIM:
     module = layer.module
     _refuse_unsupported(module if layer.layout != "hf-split" else module.attention)
+    refuse_what_is_not_taken_over(module, layer.layout)
     if layer.layout == "uniformer":  # the UniFormer block passes frames itself and has no class token
         emim = EMIM.from_attention(module, window=window, backend=backend, **kwargs)
     elif layer.layout == "timm":
@@ -261,7 +285,7 @@ def _build(layer: AttentionLayer, grid: Grid | None, *, window: int, backend: st
             num_heads=inner.num_attention_heads, scale=getattr(inner, "scaling", None),
             proj_drop=_dropout_rate(module.output, "dropout"),
             # VideoMAE before transformers 5 kept q and v biases as separate parameters (k has none).
-            extra_biases=(getattr(inner, "q_bias", None), None, getattr(inner, "v_bias", None)),
+            extra_biases=tuple(getattr(inner, name, None) for name in SEPARATE_BIASES),
             window=window, backend=backend, grid=grid, num_prefix_tokens=prefix_tokens, **kwargs)
     else:  # hf-proj
         heads = getattr(module, "num_attention_heads", getattr(module, "num_heads", None))

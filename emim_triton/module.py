@@ -8,13 +8,24 @@ Parameter names follow the EMIM authors' checkpoints (``qkv``, ``proj``, ``rpb``
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, MIN_WINDOW
+from .checks import MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, MIN_WINDOW, check_options
 from .functional import BACKENDS, emim_attention
 from .reference import quick_gelu
+from .takeover import combined_qkv_bias, refuse_what_is_not_taken_over
+
+
+def _is_positive_int(x) -> bool:
+    """An int >= 1 (numpy integers too), not a bool or a float like 2.5 (which int() would silently truncate).
+    A SymInt (a size traced by torch.compile with dynamic shapes) passes: it came from a real tensor's shape."""
+    if isinstance(x, torch.SymInt):
+        return True
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
 
 
 class QuickGELU(nn.Module):
@@ -61,6 +72,9 @@ class EMIM(nn.Module):
                  pad_value: float = 1e-6, backend: str = "auto", num_prefix_tokens: int = 0):
         super().__init__()
         # Refuse bad configurations here, when the model is built, rather than at its first forward.
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("window", window)):
+            if not _is_positive_int(value):
+                raise ValueError(f"EMIM: {name} must be a positive int, got {value!r}")
         if dim % num_heads != 0:
             raise ValueError(f"EMIM: dim ({dim}) must be divisible by num_heads ({num_heads})")
         head_dim = dim // num_heads
@@ -74,6 +88,7 @@ class EMIM(nn.Module):
                              f"never materialise the attention probabilities), got {attn_drop}")
         if backend not in BACKENDS:
             raise ValueError(f"EMIM: backend must be one of {BACKENDS}, got {backend!r}")
+        check_options(qk_scale, pad_value)  # the op's own rules, checked now rather than at the first forward
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"EMIM: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
 
@@ -149,8 +164,8 @@ class EMIM(nn.Module):
             if frames is None:
                 raise ValueError(f"EMIM: x of shape {tuple(x.shape)} is (B, N, C) tokens; pass "
                                  f"frames=(T, H, W) with T*H*W = N to say how they form a video")
-            if len(frames) != 3:
-                raise ValueError(f"EMIM: frames must be (T, H, W), got {frames!r}")
+            if not isinstance(frames, (tuple, list)) or len(frames) != 3 or not all(map(_is_positive_int, frames)):
+                raise ValueError(f"EMIM: frames must be (T, H, W), three positive ints, got {frames!r}")
             T, H, W = (int(f) for f in frames)
             prefix = self.num_prefix_tokens
             if T * H * W + prefix != N:
@@ -171,9 +186,11 @@ class EMIM(nn.Module):
         ``attn`` must have ``qkv`` (Linear(C, 3C)), ``proj`` (Linear(C, C)) and ``num_heads``; its ``scale``
         (if any) becomes ``qk_scale`` and its ``proj_drop`` rate carries over, unless given in ``kwargs``.
         qkv and proj weights are copied (the new module shares no storage with ``attn``), and the new
-        module takes ``attn``'s device and dtype. The motion MLP starts at zero, so the result is pure local
-        next-frame attention over the same projections. Modules with parts EMIM has no place for (a
-        q/k normalisation, a norm before proj, attention dropout) are refused rather than silently changed.
+        module takes ``attn``'s device and dtype. Separate ``q_bias`` / ``k_bias`` / ``v_bias`` beside the
+        qkv Linear (timm's BEiT and EVA) are added into the qkv bias. The motion MLP starts at zero, so the
+        result is pure local next-frame attention over the same projections. Modules with parts EMIM has no
+        place for (a q/k normalisation, a norm before proj, attention dropout, Swin window attention, any
+        other parameter or buffer, such as a relative position bias) are refused rather than silently changed.
         """
         name = type(attn).__name__
         for part in ("qkv", "proj"):
@@ -198,10 +215,15 @@ class EMIM(nn.Module):
             raise ValueError(f"EMIM.from_attention: expected qkv = Linear({dim}, {3 * dim}) and proj = "
                              f"Linear({dim}, {dim}), got qkv = Linear({qkv.in_features}, {qkv.out_features}) "
                              f"and proj = Linear({proj.in_features}, {proj.out_features})")
-        qkv_bias = qkv.bias is not None
+        try:
+            refuse_what_is_not_taken_over(attn, "timm")
+            bias = combined_qkv_bias(attn)
+        except ValueError as error:
+            raise ValueError(f"EMIM.from_attention: {error}") from error
+        qkv_bias = bias is not None
         if kwargs.pop("qkv_bias", qkv_bias) != qkv_bias:
-            raise ValueError(f"EMIM.from_attention: qkv_bias is taken from {name}.qkv (bias "
-                             f"{'present' if qkv_bias else 'absent'}) and cannot be overridden")
+            raise ValueError(f"EMIM.from_attention: qkv_bias is taken from {name} (qkv.bias, q_bias, k_bias, "
+                             f"v_bias: {'a bias' if qkv_bias else 'none'} present) and cannot be overridden")
         if getattr(attn, "scale", None) is not None:
             kwargs.setdefault("qk_scale", float(attn.scale))
         if isinstance(getattr(attn, "proj_drop", None), nn.Dropout):
@@ -212,7 +234,7 @@ class EMIM(nn.Module):
         with torch.no_grad():
             emim.qkv.weight.copy_(qkv.weight)
             if qkv_bias:
-                emim.qkv.bias.copy_(qkv.bias)
+                emim.qkv.bias.copy_(bias)
             emim.proj.weight.copy_(proj.weight)
             if proj.bias is not None:
                 emim.proj.bias.copy_(proj.bias)

@@ -3,9 +3,11 @@ Hugging Face VideoMAE / ViViT classifiers (from a config, nothing downloaded), a
 
 Checks: which layers are converted, that their weights are taken over unchanged, that a converted layer
 (motion MLP output at zero, as after conversion) is exactly local next-frame attention over the original
-projections, that class tokens keep global attention, that converted models train and compile, and that
-layers EMIM cannot represent are refused before anything is replaced. The reference backend runs everywhere
-except the one test marked `fused`.
+projections, that class tokens keep global attention, that converted models train and compile, that
+layers EMIM cannot represent are refused before anything is replaced, that no parameter or buffer of a
+replaced layer is dropped (separate q/k/v biases taken over; relative position biases, Swin window attention
+and unknown parameters refused, on stand-ins for timm's layers), and how a converted model is saved and
+reloaded. The reference backend runs everywhere except the one test marked `fused`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from emim_triton import EMIM, convert_to_emim
 from emim_triton.convert import GridEMIM, find_attention_layers
 from emim_triton.models import create_model
+from emim_triton.models.uniformer import GlobalAttention
 from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, relative_error
 
 GRID = (4, 4, 4)  # T, H, W of the token grids below: 8 frames, tubelet 2; 32 px, patch 8
@@ -244,6 +247,166 @@ def test_unsupported_layers_and_bad_arguments_are_refused_and_nothing_is_replace
     assert [type(m) for m in model.modules()] == before
 
 
+# ----------------------------------------------------------------------------------------------------
+# Nothing dropped: stand-ins for timm layers with more than qkv and proj (timm is not a dependency; each
+# stand-in has the parameters, buffers and attributes of the timm module it names, not its forward)
+# ----------------------------------------------------------------------------------------------------
+
+class BeitAttention(nn.Module):
+    """Stand-in for timm.models.beit.Attention (qkv_bias=True), whose q/k/v biases timm.models.eva.EvaAttention
+    keeps the same way: qkv without bias, q_bias and v_bias parameters, k_bias a non-persistent buffer of
+    zeros (absent in older timm); with ``window_size`` BEiT's relative_position_bias_table (the 3 extra rows
+    are the class token's) and relative_position_index. timm's forward adds cat(q_bias, k_bias, v_bias) to
+    qkv(x)."""
+
+    def __init__(self, dim, num_heads, window_size=None, k_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        # timm starts these at zero; random here, so that a dropped bias changes the output.
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        if k_bias:
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        if window_size:
+            self.window_size = window_size
+            rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+            self.register_buffer("relative_position_index", torch.zeros(rows, dtype=torch.long), persistent=False)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+
+class RelPosBias(nn.Module):
+    """Stand-in for timm.layers.pos_embed_rel.RelPosBias: a bias table and its index buffer."""
+
+    def __init__(self, num_heads, window_size=(4, 4)):
+        super().__init__()
+        rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+        self.register_buffer("relative_position_index", torch.zeros(rows, dtype=torch.long), persistent=False)
+
+
+class RelPosAttention(Attention):
+    """Stand-in for timm.models.vision_transformer_relpos.RelPosAttention: timm's Attention plus a rel_pos
+    module adding a relative position bias to the logits."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__(dim, num_heads)
+        self.rel_pos = RelPosBias(num_heads)
+
+
+class WindowAttention(nn.Module):
+    """Stand-in for timm.models.swin_transformer.WindowAttention: qkv and proj over the tokens of one
+    window_size window (the block partitions the feature map), with a relative position bias table."""
+
+    def __init__(self, dim, num_heads, window_size=(4, 4)):
+        super().__init__()
+        self.window_size = window_size
+        self.window_area = window_size[0] * window_size[1]
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+        self.register_buffer("relative_position_index", torch.zeros(self.window_area ** 2, dtype=torch.long),
+                             persistent=False)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+        self.softmax = nn.Softmax(dim=-1)
+
+
+@pytest.mark.parametrize("k_bias", [True, False], ids=["k_bias-buffer", "no-k_bias"])
+def test_separate_qkv_biases_are_taken_over_and_the_layer_is_local_attention_over_them(k_bias):
+    torch.manual_seed(0)
+    original = BeitAttention(DIM, HEADS, k_bias=k_bias).double()
+    holder = nn.Sequential(copy.deepcopy(original))
+    convert_to_emim(holder, GRID, window=WINDOW, backend="reference")
+    emim = holder[0]
+    zeros = torch.zeros(DIM, dtype=torch.float64)
+    assert torch.equal(emim.qkv.bias, torch.cat([original.q_bias, zeros, original.v_bias]))
+
+    x = token_input(64).double()
+    # BEiT's and EVA's projection: the separate biases added to the bias-free qkv (k's part zero).
+    qkv = F.linear(x, original.qkv.weight, torch.cat([original.q_bias, zeros, original.v_bias]))
+    q, k, v = qkv.chunk(3, dim=-1)
+    context = local_next_frame_attention(heads_view(q), heads_view(k), heads_view(v), emim.rpb, original.scale)
+    assert relative_error(emim(x), original.proj(context.reshape(x.shape))) < REFERENCE_RTOL[torch.float64]
+
+
+def test_qkv_bias_cannot_be_switched_off_when_separate_biases_exist():
+    with pytest.raises(ValueError, match=r"qkv_bias is taken from BeitAttention .*a bias present"):
+        EMIM.from_attention(BeitAttention(DIM, HEADS), window=WINDOW, qkv_bias=False)
+    broken = BeitAttention(DIM, HEADS)
+    broken.v_bias = nn.Parameter(torch.zeros(2 * DIM))
+    with pytest.raises(ValueError, match=r"v_bias must be None or a tensor of shape \(64,\).*got \(128,\)"):
+        EMIM.from_attention(broken, window=WINDOW)
+
+
+def with_extra_parameter(layer):
+    layer.gate = nn.Parameter(torch.ones(1))  # e.g. a learned gate on the attention output
+    return layer
+
+
+def not_taken_over_cases():
+    """(id, make the layer, the refusal's message): each layer sits second in the model, after a convertible one."""
+    yield "beit-relative-position-bias", lambda: BeitAttention(DIM, HEADS, window_size=(4, 4)), \
+        r"relative_position_bias_table \(parameter\), relative_position_index \(buffer\);.* A relative position bias"
+    yield "timm-relpos", lambda: RelPosAttention(DIM, HEADS), (
+        r"rel_pos\.relative_position_bias_table \(parameter\), rel_pos\.relative_position_index \(buffer\);"
+        r".* A relative position bias")
+    yield "swin-window-attention", lambda: WindowAttention(DIM, HEADS), r"WindowAttention is window attention \(Swin\)"
+    yield "extra-parameter-timm", lambda: with_extra_parameter(Attention(DIM, HEADS)), r"gate \(parameter\)"
+    yield "extra-parameter-uniformer", lambda: with_extra_parameter(GlobalAttention(DIM, HEADS)), \
+        r"gate \(parameter\)"
+
+
+@pytest.mark.parametrize("make, message", [case[1:] for case in not_taken_over_cases()],
+                         ids=[case[0] for case in not_taken_over_cases()])
+def test_what_emim_cannot_take_over_is_named_in_a_refusal_before_anything_is_replaced(make, message):
+    layer = make()
+    model = nn.Sequential(Attention(DIM, HEADS), layer)
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"cannot convert '1' .*" + message):
+        convert_to_emim(model, GRID, layers=[0, 1], window=WINDOW, backend="reference")
+    # Layer 0 was convertible; it is not replaced either. Buffers, non-persistent ones included, are kept.
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+    for (name, ours), theirs in zip([*model.named_parameters(), *model.named_buffers()],
+                                    [*before.parameters(), *before.buffers()]):
+        assert torch.equal(ours, theirs), name
+    with pytest.raises(ValueError, match=r"EMIM\.from_attention: .*" + message):
+        EMIM.from_attention(layer, window=WINDOW)
+
+
+def test_the_way_out_the_refusal_offers_converts_the_layer():
+    layer = BeitAttention(DIM, HEADS, window_size=(4, 4))
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match=r"to drop them on purpose, set those attributes of the layer to None"):
+        convert_to_emim(model, GRID, window=WINDOW, backend="reference")
+    layer.relative_position_bias_table = layer.relative_position_index = None
+    report = convert_to_emim(model, GRID, window=WINDOW, backend="reference")
+    assert [entry["name"] for entry in report.converted] == ["0"] and isinstance(model[0], GridEMIM)
+
+
+def test_hf_layouts_refuse_a_parameter_they_cannot_take_over():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.VivitForVideoClassification(
+        tiny_hf_config(transformers.VivitConfig, tubelet_size=[2, 8, 8]))
+    with_extra_parameter(find_attention_layers(model)[0].module)
+    with pytest.raises(ValueError, match=r"cannot convert 'vivit\.layers\.0\.attention'.*gate \(parameter\)"):
+        convert_to_emim(model, GRID, window=WINDOW, prefix_tokens=1)
+    model = transformers.VideoMAEForVideoClassification(
+        tiny_hf_config(transformers.VideoMAEConfig, patch_size=8, tubelet_size=2))
+    with_extra_parameter(model.videomae.encoder.layer[0].attention.output)
+    with pytest.raises(ValueError, match=r"cannot convert 'videomae\.encoder\.layer\.0\.attention'.*"
+                                         r"output\.gate \(parameter\)"):
+        convert_to_emim(model, GRID, window=WINDOW)
+
+
 def test_wrong_token_count_at_run_time_suggests_prefix_tokens():
     torch.manual_seed(0)
     model = VideoViT(class_token=True)
@@ -346,6 +509,32 @@ def test_vivit_class_token_and_tuple_returning_attention():
     assert weights is None
     assert relative_error(out[:, :1], original(x)[0][:, :1]) < REFERENCE_RTOL[torch.float64]
     assert model(pixel_values=clips().double().transpose(1, 2)).logits.shape == (2, 3)
+
+
+def test_a_converted_hugging_face_model_is_saved_and_reloaded_through_its_state_dict(tmp_path):
+    """The way convert.py documents: save the state dict; rebuild, convert with the same arguments, load it.
+    (save_pretrained / from_pretrained would rebuild the original attention, with random weights.)"""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.VideoMAEForVideoClassification(
+        tiny_hf_config(transformers.VideoMAEConfig, patch_size=8, tubelet_size=2)).eval()
+    convert_to_emim(model, GRID, window=WINDOW, backend="reference")
+    with torch.no_grad():  # as after fine-tuning: motion features, which only the saved weights can restore
+        model.videomae.encoder.layer[0].attention.motion_conv[2].weight.normal_()
+    torch.save(model.state_dict(), tmp_path / "converted.pt")
+    model.config.save_pretrained(tmp_path)
+
+    reloaded = transformers.VideoMAEForVideoClassification(
+        transformers.VideoMAEConfig.from_pretrained(tmp_path)).eval()
+    convert_to_emim(reloaded, GRID, window=WINDOW, backend="reference")
+    reloaded.load_state_dict(torch.load(tmp_path / "converted.pt"), strict=True)
+    pixels = clips().transpose(1, 2)
+    assert torch.equal(reloaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+    # What the documentation warns about: from_pretrained brings back the original attention layer.
+    model.save_pretrained(tmp_path / "pretrained")
+    plain = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "pretrained")
+    assert type(plain.videomae.encoder.layer[0].attention).__name__ == "VideoMAEAttention"
 
 
 # ----------------------------------------------------------------------------------------------------

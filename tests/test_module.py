@@ -90,7 +90,11 @@ def test_non_contiguous_video_input():
     (lambda m: m(torch.randn(2, 60, DIM + 1, dtype=torch.float64), frames=FRAMES), r"expected dim = 32"),
     (lambda m: m(torch.randn(2, *FRAMES, DIM, dtype=torch.float64), frames=(3, 5, 4)), r"frames=\(3, 5, 4\)"),
     (lambda m: m(torch.randn(60, DIM, dtype=torch.float64), frames=FRAMES), r"got a 2-D tensor"),
-], ids=["tokens-without-frames", "frames-not-matching-N", "wrong-C", "frames-contradict-video", "2-D"])
+    (lambda m: m(torch.randn(2, 60, DIM, dtype=torch.float64), frames=(-1, -3, 8)), r"frames must be .*positive ints"),
+    (lambda m: m(torch.randn(2, 60, DIM, dtype=torch.float64), frames=(2.5, 4, 6)), r"frames must be .*positive ints"),
+    (lambda m: m(torch.randn(2, 60, DIM, dtype=torch.float64), frames=(3, 20)), r"frames must be \(T, H, W\)"),
+], ids=["tokens-without-frames", "frames-not-matching-N", "wrong-C", "frames-contradict-video", "2-D",
+        "negative-frames", "fractional-frames", "two-frames-values"])
 def test_bad_input_layout_is_explained(call, message):
     with pytest.raises(ValueError, match=message):
         call(make_module())
@@ -103,9 +107,16 @@ def test_bad_input_layout_is_explained(call, message):
     (dict(dim=32, num_heads=2, window=17), r"window must be odd and in 3..15"),
     (dict(dim=32, num_heads=2, attn_drop=0.1), r"attn_drop must be 0"),
     (dict(dim=32, num_heads=2, backend="cuda"), r"backend must be one of"),
-], ids=["heads-do-not-divide-dim", "head-dim-8", "even-window", "window-17", "attn-drop", "backend"])
+    (dict(dim=32, num_heads=0), r"num_heads must be a positive int, got 0"),
+    (dict(dim=-32, num_heads=-2), r"dim must be a positive int, got -32"),
+    (dict(dim=32, num_heads=2.0), r"num_heads must be a positive int, got 2.0"),
+    (dict(dim=32, num_heads=2, window=7.0), r"window must be a positive int"),
+    (dict(dim=32, num_heads=2, pad_value=None), r"pad_value must be a number"),
+    (dict(dim=32, num_heads=2, qk_scale=float("nan")), r"scale must be a finite number"),
+], ids=["heads-do-not-divide-dim", "head-dim-8", "even-window", "window-17", "attn-drop", "backend",
+        "zero-heads", "negative-dim", "float-heads", "float-window", "pad-none", "scale-nan"])
 def test_bad_configuration_is_refused_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         EMIM(**kwargs)
 
 

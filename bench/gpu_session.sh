@@ -7,13 +7,19 @@
 #   bash bench/gpu_session.sh train     profile of a UniFormer-S16 step, trainer throughput, the tiny
 #                                       motion models trained on the GPU (fused op)
 #   bash bench/gpu_session.sh extra     the trainer's exit after --stop-after; FlexAttention at S16 stage 3
+#   bash bench/gpu_session.sh reliability  inputs past 2**31 elements through the fused forward and backward
+#                                       (bench/large_inputs.py, ~110 GB estimated), the trainer's exit after
+#                                       --stop-after; the cuDNN version is in env-reliability.txt
+#   bash bench/gpu_session.sh uniformer steps of EMIM-S16 and its twin at batch 8 with cudnn.benchmark on
+#                                       (models-s16.json), the profile of one EMIM-S16 step, and the
+#                                       trainer's own figure over 20 steps (issue 13: depthwise Conv3d layout)
 #
 # Logs and results go to $RESULTS (default bench/results/gpu-session), packed after every step into
 # $OUT/results.tgz when $OUT is set (the device tool brings back only a few files). Wheels of packages the
 # machine lacks (PyAV, a recent setuptools) are installed from .whl/ when that folder exists.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-stage=${1:?usage: gpu_session.sh check|measure|models|train|extra}
+stage=${1:?usage: gpu_session.sh check|measure|models|train|extra|reliability|uniformer}
 RESULTS=${RESULTS:-bench/results/gpu-session}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
@@ -35,9 +41,16 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$RESULTS/install.log" 2>&1 || { cat "$RESULTS/install.log"; exit 1; }
-{ nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
+{ nvidia-smi; $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(),
+'cuDNN', torch.backends.cudnn.version())"; } \
   >"$RESULTS/env-$stage.txt" 2>&1
 cat "$RESULTS/env-$stage.txt" | tail -n 1
+
+trainer_stop() {  # the trainer must exit promptly after --stop-after, loader workers included
+  step trainer-stop 45 $PY -m emim_triton.train --dataset random --model emim_uniformer_xt --num-classes 10 \
+    --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 4 --num-workers 4 --run-dir "$RESULTS/trainer-stop" \
+    --no-progress --log-every 1
+}
 
 case $stage in
 check)
@@ -77,11 +90,21 @@ train)
     -- --device cuda --attn-backend triton --num-workers 3
   ;;
 extra)
-  step trainer-stop 45 $PY -m emim_triton.train --dataset random --model emim_uniformer_xt --num-classes 10 \
-    --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 4 --num-workers 4 --run-dir "$RESULTS/trainer-stop" \
-    --no-progress --log-every 1
+  trainer_stop
   step compare-flex 95 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,flex \
     --shape 32,16,14,14,5,64,7 --json "$RESULTS/compare-flex.json"
+  ;;
+reliability)
+  step large-inputs 300 $PY bench/large_inputs.py --json "$RESULTS/large-inputs.json"
+  trainer_stop
+  ;;
+uniformer)
+  step models-s16 200 $PY bench/models_gpu.py --which uniformer --batch 8 --steps 10 --warmup 3 \
+    --json "$RESULTS/models-s16.json"
+  step profile-emim-s16 90 $PY bench/profile_step.py emim_uniformer_s16 --batch 8 --rows 20
+  step trainer-s16-20 150 $PY -m emim_triton.train --dataset random --model emim_uniformer_s16 --num-classes 174 \
+    --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 20 --num-workers 4 --run-dir "$RESULTS/trainer-s16-20" \
+    --no-progress --log-every 2
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -9,8 +9,9 @@ Two comparisons (GPU only; nothing here runs in the test suite):
   EMIM (fused kernels); the others keep Hugging Face's attention (SDPA).
 
 One training step = forward + loss + backward + AdamW step under bf16 autocast, the way `emim-train`
-runs. Median over `--steps` timed steps after `--warmup` untimed ones (CUDA events), plus the peak memory
-of a step. Usage::
+runs, with the trainer's backend flags (`set_up_like_the_trainer`: cuDNN's autotuner on); the cuDNN
+version and those flags go into the JSON, since they decide which convolution kernels run. Median over
+`--steps` timed steps after `--warmup` untimed ones (CUDA events), plus the peak memory of a step. Usage::
 
     python bench/models_gpu.py --json bench/results/models-h200.json
 """
@@ -25,6 +26,18 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+
+def set_up_like_the_trainer() -> dict:
+    """Set the global backend flags as `emim-train` does on a GPU (emim_triton/train/trainer.py: cuDNN's
+    autotuner on; the TF32 switches left at PyTorch's defaults) and return them with the cuDNN version.
+
+    cudnn.benchmark matters here: without it cuDNN takes its heuristic's first algorithm, and a benchmark
+    would time convolution kernels the trainer never runs."""
+    torch.backends.cudnn.benchmark = True
+    return dict(cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark,
+                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 def training_step(model, loss_fn, inputs, labels):
@@ -122,8 +135,10 @@ def main(argv=None) -> int:
         return 2
     import triton
 
+    backends = set_up_like_the_trainer()
+    print("backends:", backends, flush=True)
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               date=time.strftime("%Y-%m-%d"), batch=args.batch, steps=args.steps, warmup=args.warmup,
+               **backends, date=time.strftime("%Y-%m-%d"), batch=args.batch, steps=args.steps, warmup=args.warmup,
                amp="bf16 autocast", command=" ".join(["python bench/models_gpu.py", *(argv or sys.argv[1:])]))
     for which in args.which.split(","):
         out[which] = {"uniformer": uniformer, "videomae": videomae}[which](args.batch, args.steps, args.warmup)

@@ -2,8 +2,9 @@
 
     python bench/profile_step.py uniformer_s16 --batch 8
 
-The step of bench/models_gpu.py (bf16 autocast, forward + loss + backward + AdamW), two warm-up steps,
-then one profiled step; prints torch.profiler's table sorted by CUDA time.
+The step of bench/models_gpu.py (bf16 autocast, forward + loss + backward + AdamW) with the trainer's
+backend flags (cuDNN's autotuner on), two warm-up steps, then one profiled step; prints the cuDNN version
+and those flags, then torch.profiler's table sorted by CUDA time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from emim_triton.models import create_model
-from models_gpu import training_step  # bench/ is on sys.path when this script runs
+from models_gpu import set_up_like_the_trainer, training_step  # bench/ is on sys.path when this script runs
 
 
 def main(argv=None) -> int:
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args(argv)
+    print("backends:", set_up_like_the_trainer(), flush=True)
     model = create_model(args.model, num_classes=174).cuda()
     x = torch.randn(args.batch, 3, args.frames, args.size, args.size, device="cuda")
     y = torch.randint(0, 174, (args.batch,), device="cuda")

@@ -14,6 +14,14 @@ constructors. The architecture follows UniFormer's video backbone:
 Every block starts with a depthwise 3x3x3 convolution added to its input (UniFormer's "dynamic position
 embedding"), so the model has no position table and takes any T, H, W the strides allow.
 
+Memory layout: feature maps pass between blocks NCDHW-contiguous, because every block starts with a
+depthwise Conv3d and the layout picks its backend. PyTorch sends a depthwise convolution whose input has
+channels_last_3d strides to cuDNN, whose bf16 3-D grouped weight gradient works channel by channel (95 % of
+the CUDA time of an S16 training step on an H200, bench/results/h200-2026-11-25/profile-s16.log); a
+contiguous input goes to PyTorch's own depthwise-3d kernels. PatchEmbed and AttentionBlock compute in
+channels-last (token) order, so each copies its result back to NCDHW once, where it makes it, rather than
+every convolution copying its input.
+
 Parameter names are those of the UniFormer and EMIM checkpoints (see PAPER-NOTES.md), so their state
 dicts load with ``load_state_dict(strict=True)`` when the architecture matches.
 """
@@ -97,7 +105,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         x = self.proj(x)
-        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+        # the norm's output is channels-last; the blocks' depthwise convolutions want NCDHW (module docstring)
+        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3).contiguous()
 
 
 class GlobalAttention(nn.Module):
@@ -179,12 +188,15 @@ class AttentionBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x):
-        x = x + self.pos_embed(x)
+        x = x + self.pos_embed(x)  # x is NCDHW-contiguous (module docstring: memory layout)
         B, C, T, H, W = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
+        # One copy into token order, whose rows of C are what LayerNorm, Linear and EMIM read (norm1 would
+        # make this copy itself; making it here keeps the residual sums in token order as well) ...
+        tokens = x.flatten(2).transpose(1, 2).contiguous()
         tokens = tokens + self.drop_path(self.attn(self.norm1(tokens), frames=(T, H, W)))
         tokens = tokens + self.drop_path(self.mlp(self.norm2(tokens)))
-        return tokens.transpose(1, 2).reshape(B, C, T, H, W)
+        # ... and one back to NCDHW for the next block's depthwise pos_embed.
+        return tokens.transpose(1, 2).reshape(B, C, T, H, W).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------

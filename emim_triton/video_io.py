@@ -59,7 +59,18 @@ def read_clip(path, num_frames: int, size: int, mean=(0.45, 0.45, 0.45), std=(0.
     Returns (frames, clip): frames (T, size, size, 3) uint8 for display, and clip (1, 3, T, size, size)
     float32 normalised with mean and std (in 0..1 units), the input layout of the model zoo.
     """
-    decoded = decode_video(path)
+    return clip_from_frames(decode_video(path), num_frames, size, mean, std)
+
+
+def clip_from_frames(decoded: list[np.ndarray], num_frames: int, size: int, mean=(0.45, 0.45, 0.45),
+                     std=(0.225, 0.225, 0.225)):
+    """`read_clip` from already decoded (H, W, 3) uint8 frames. A video shorter than ``num_frames`` is
+    refused: repeated frames would show motion that stops and jumps, which the video does not have."""
+    if not 1 <= num_frames <= len(decoded):
+        raise ValueError(f"cannot sample {num_frames} frames from a video of {len(decoded)}: expected 1 to "
+                         f"{len(decoded)}")
+    if size < 1:
+        raise ValueError(f"the frame size must be >= 1, got {size}")
     frames = np.stack([resize_and_crop(decoded[i], size) for i in sample_indices(len(decoded), num_frames)])
     clip = torch.from_numpy(frames).float().div_(255).permute(3, 0, 1, 2)  # (3, T, H, W)
     clip = (clip - torch.tensor(mean).view(3, 1, 1, 1)) / torch.tensor(std).view(3, 1, 1, 1)
@@ -67,12 +78,23 @@ def read_clip(path, num_frames: int, size: int, mean=(0.45, 0.45, 0.45), std=(0.
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
-    """Encode (T, H, W, 3) uint8 RGB frames (H, W even): VP9 for .webm, H.264 otherwise, nearly lossless."""
+    """Encode (T, H, W, 3) uint8 RGB frames (H, W even): VP9 for .webm, H.264 otherwise, nearly lossless.
+    ValueError if ``path`` cannot take such a video (no such directory, a container without H.264, ...)."""
     av = _av()
     path = os.fspath(path)
     webm = path.lower().endswith(".webm")
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libvpx-vp9" if webm else "libx264", rate=fps)
+    formats = "an .mp4, .mkv, .mov, .avi or .webm file"
+    try:
+        container = av.open(path, "w")
+    except OSError as error:  # PyAV's errors (no such directory, permission denied) are OSErrors
+        raise ValueError(f"cannot write video {path!r}: {error}") from error
+    except ValueError as error:  # FFmpeg knows no container by this extension
+        raise ValueError(f"cannot write video {path!r}: {error}; expected {formats}") from error
+    with container:
+        try:
+            stream = container.add_stream("libvpx-vp9" if webm else "libx264", rate=fps)
+        except ValueError as error:  # a container without the codec, e.g. .gif
+            raise ValueError(f"cannot write video {path!r}: {error}; expected {formats}") from error
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         # High quality, so that texture (what motion is seen in) survives the compression.

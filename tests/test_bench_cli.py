@@ -220,3 +220,65 @@ def test_compare_fills_the_fused_row_and_speedups(monkeypatch):
     assert fused.fused_speedup == 1.0
     assert reference.fused_speedup == pytest.approx(reference.median_ms / fused.median_ms)
     assert fused.speedup_vs_reference == pytest.approx(reference.median_ms / fused.median_ms)
+
+
+# --- output paths are checked before any work -------------------------------------------------------------
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Make any benchmark or tuning run fail the test: a bad output path must stop the command first."""
+    from emim_triton.bench import compare, tune
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the command started its run despite a bad output path")
+
+    monkeypatch.setattr(compare, "run_compare", must_not_run)
+    monkeypatch.setattr(tune, "run_autotune", must_not_run)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--plot"])
+def test_compare_checks_its_output_paths_before_running(capsys, tmp_path, no_run, flag):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    compare = ["compare", "--device", "cpu", "--shape", TINY]
+    for path, problem in [(tmp_path / "missing" / "out", f"its directory {str(tmp_path / 'missing')!r} does not exist"),
+                          (a_file / "out", "is not a directory"), (tmp_path, "is a directory, not a file name")]:
+        status, _, err = run_cli(capsys, *compare, flag, str(path))
+        assert status == 2 and f"{flag} {str(path)!r}: " in err and problem in err
+
+
+def test_compare_refuses_two_outputs_in_one_file_and_a_plot_format_matplotlib_lacks(capsys, tmp_path, no_run):
+    same = str(tmp_path / "out.json")
+    status, _, err = run_cli(capsys, "compare", "--device", "cpu", "--json", same, "--csv", same)
+    assert status == 2 and f"--json and --csv both name {same!r}" in err
+    if _has_matplotlib():
+        status, _, err = run_cli(capsys, "compare", "--device", "cpu", "--plot", str(tmp_path / "out.results"))
+        assert status == 2 and "matplotlib cannot write .results files; expected one of" in err
+
+
+def test_roofline_checks_its_json_path(capsys, tmp_path):
+    status, out, err = run_cli(capsys, "roofline", "--shape", TINY, "--json", str(tmp_path / "missing" / "r.json"))
+    assert status == 2 and "--json" in err and "does not exist" in err and out == ""
+
+
+def test_autotune_checks_write_defaults_before_tuning(capsys, tmp_path, no_run):
+    tune = ["autotune", "--shape", TINY]
+    status, _, err = run_cli(capsys, *tune, "--write-defaults", str(tmp_path / "missing" / "d.json"))
+    assert status == 2 and "--write-defaults" in err and "does not exist" in err
+    broken = tmp_path / "defaults.json"
+    broken.write_text("{not json")
+    status, _, err = run_cli(capsys, *tune, "--write-defaults", str(broken))
+    assert status == 2 and f"--write-defaults {str(broken)!r} exists and is not readable JSON" in err
+    status, out, err = run_cli(capsys, *tune, "--list", "--write-defaults", str(tmp_path / "d.json"))
+    assert status == 2 and "--write-defaults has nothing to write with --list" in err and out == ""
+
+
+def test_autotune_checks_the_tuning_cache_directory_before_tuning(capsys, tmp_path, monkeypatch, no_run):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    monkeypatch.setenv("EMIM_TRITON_CACHE", str(a_file / "cache"))
+    status, _, err = run_cli(capsys, "autotune", "--shape", TINY)
+    assert status == 1
+    assert f"the tuning cache directory {str(a_file / 'cache')!r} cannot be written" in err
+    assert "set EMIM_TRITON_CACHE to a writable directory" in err

@@ -20,6 +20,7 @@ from PIL import Image
 from emim_triton import EMIM
 from emim_triton.convert import GridEMIM
 from emim_triton.models import create_model
+from emim_triton.video_io import translating_square, write_video
 from emim_triton.viz import main, motion_fields, window_displacements
 from emim_triton.viz_draw import colour_wheel, flow_to_rgb
 
@@ -213,3 +214,111 @@ def test_command_explains_bad_inputs(demo_clip, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "emim_uniformer_xt"])
     assert "required: --video, --out" in capsys.readouterr().err
+
+
+def usage_error(capsys, argv) -> str:
+    """The one error line of `emim-viz argv...`, which must exit with status 2 (argparse's usage errors)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: emim-viz")
+    lines = [line for line in err.splitlines() if line.startswith("emim-viz: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--frames", "0"], "argument --frames: expected an integer >= 1, got 0"),
+    (["--frames", "-3"], "argument --frames: expected an integer >= 1, got -3"),
+    (["--size", "0"], "argument --size: expected an integer >= 1, got 0"),
+    (["--cell", "0"], "argument --cell: expected an integer in 16..1024, got 0"),
+    (["--device", "nowhere"], "argument --device: expected a device such as cpu, cuda or cuda:1, got 'nowhere'"),
+])
+def test_command_refuses_bad_numbers_and_devices_before_any_work(demo_clip, tmp_path, capsys, flags, message):
+    assert message in usage_error(capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip,
+                                           "--out", tmp_path / "viz", *flags])
+    assert not (tmp_path / "viz").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_command_refuses_cuda_without_a_gpu(demo_clip, tmp_path, capsys):
+    line = usage_error(capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip, "--out", tmp_path,
+                                "--device", "cuda"])
+    assert "argument --device: 'cuda': torch sees no cuda device here; use --device cpu" in line
+
+
+def test_command_refuses_the_triton_backend_on_the_cpu_without_the_interpreter(demo_clip, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    line = usage_error(capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip, "--out", tmp_path,
+                                "--device", "cpu", "--backend", "triton"])
+    assert "--backend triton runs the fused kernels on a CUDA GPU and --device is cpu" in line
+
+
+def test_command_refuses_an_unusable_out_directory(demo_clip, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    (tmp_path / "taken" / "flow.png").mkdir(parents=True)
+    for out, problem in [(a_file, "is a file, not a directory"), (a_file / "viz", f"{str(a_file)!r} is a file"),
+                         (tmp_path / "taken", "holds a directory named flow.png")]:
+        assert f"--out {str(out)!r}: {problem}" in usage_error(
+            capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip, "--out", out])
+
+
+def test_command_refuses_more_frames_than_the_video_has(demo_clip, tmp_path, capsys):
+    """The demo clip has 16 frames: sampling 17 would repeat one, which looks like motion stopping."""
+    line = usage_error(capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip, "--out", tmp_path / "viz",
+                                "--frames", "17", "--backend", "reference"])
+    assert f"--frames 17: the video {str(demo_clip)!r} has only 16 frames; expected --frames 16 or fewer" in line
+    assert not (tmp_path / "viz").exists()
+
+    short = tmp_path / "short.mp4"  # shorter than the 8 frames the model takes when --frames is not given
+    write_video(short, translating_square(num_frames=4, size=32))
+    line = usage_error(capsys, ["--model", "emim_uniformer_xt", "--video", short, "--out", tmp_path / "viz",
+                                "--backend", "reference"])
+    assert "--frames (default: emim_uniformer_xt's 8): the video" in line and "has only 4 frames" in line
+
+
+def test_command_refuses_frames_smaller_than_the_models_stride(demo_clip, tmp_path, capsys):
+    line = usage_error(capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip, "--out", tmp_path,
+                                "--size", "8", "--backend", "reference"])
+    assert "--size 8: emim_uniformer_xt needs frames of at least 16 pixels" in line
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("walking\nrunning\n", "it names 2 classes and the model has 3"),
+    ('["a", "b", "c", "d"]', "it names 4 classes and the model has 3"),
+    ('{"a": 0, "b": 1}', "it names 2 of the model's 3 classes; no name for index 2"),
+    ('{"a": 0, "b": 1, "c": 3}', "class 'c' has index 3; the model's classes are 0 to 2"),
+    ('{"a": 0, "b": 0, "c": 2}', "index 0 is given to both 'a' and 'b'"),
+    ('{"a": 0, "b": 1, "c": "two"}', "class 'c' has index 'two'; expected an integer"),
+], ids=["lines-short", "list-long", "dict-missing", "dict-out-of-range", "dict-duplicate", "dict-not-int"])
+def test_command_refuses_labels_that_do_not_name_every_class_once(demo_clip, tmp_path, capsys, content, problem):
+    checkpoint = tmp_path / "three.pt"
+    torch.save(create_model("emim_uniformer_xt", num_classes=3).state_dict(), checkpoint)
+    labels = tmp_path / "labels.txt"
+    labels.write_text(content)
+    line = usage_error(capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip, "--out", tmp_path / "viz",
+                                "--checkpoint", checkpoint, "--labels", labels, "--backend", "reference"])
+    assert f"--labels {str(labels)!r}: {problem}" in line
+
+
+def test_command_refuses_a_missing_labels_file(demo_clip, tmp_path, capsys):
+    missing = tmp_path / "missing.txt"
+    assert f"--labels {str(missing)!r}: no such file" in usage_error(
+        capsys, ["--model", "emim_uniformer_xt", "--video", demo_clip, "--out", tmp_path, "--labels", missing])
+
+
+def test_make_demo_clip_refuses_unwritable_paths_and_other_flags(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for path, problem in [(tmp_path / "missing" / "clip.mp4", "does not exist"),
+                          (a_file / "clip.mp4", "is not a directory"),
+                          (tmp_path, "is a directory, not a file name"),
+                          (tmp_path / "clip.gif", "'gif' format does not support 'libx264' codec; expected an .mp4")]:
+        line = usage_error(capsys, ["--make-demo-clip", path])
+        assert line.startswith("emim-viz: error: --make-demo-clip") and problem in line
+    line = usage_error(capsys, ["--make-demo-clip", tmp_path / "clip.mp4", "--frames", "4", "--out", tmp_path])
+    assert "it takes no other flag, got --out, --frames" in line
+    assert not (tmp_path / "clip.mp4").exists()

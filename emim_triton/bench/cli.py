@@ -5,7 +5,8 @@
     emim-bench compare  [--shape ... | --model NAME] [--dtype bf16] [--device cuda] [--backends ...]
                         [--json out.json] [--csv out.csv] [--plot out.png]
 
-Without --shape or --model each command uses the default cases (bench/cases.py).
+Without --shape or --model each command uses the default cases (bench/cases.py). Output paths (--json,
+--csv, --plot, --write-defaults, the tuning cache) are checked before any work starts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import torch
@@ -20,6 +22,7 @@ import torch
 from ..cost_model import MODES
 from .backends import BACKENDS, DEFAULT_BACKENDS
 from .cases import BenchCase, cases_from_model, default_cases, parse_shape
+from .paths import directory_problem, file_problem
 from .roofline import DATASHEETS, Ceilings, datasheet_ceilings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -136,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_files(parser: argparse.ArgumentParser, **paths: str | None) -> None:
+    """Exit with a usage error (status 2) unless every given output path (flag name -> path, None = not
+    given) can be written, and no two flags name the same file (one would overwrite the other). Called
+    before any work, so that a bad path does not lose a run's results at the end."""
+    seen: dict[str, str] = {}
+    for name, path in paths.items():
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        problem = file_problem(path)
+        if problem:
+            parser.error(f"{flag} {path!r}: {problem}")
+        same = seen.setdefault(os.path.realpath(path), flag)
+        if same != flag:
+            parser.error(f"{same} and {flag} both name {path!r}; give each output its own file")
+
+
 def _cases(args, parser, device_type: str) -> list[BenchCase]:
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
@@ -153,6 +173,7 @@ def _roofline(args, parser) -> int:
     for name in ("bandwidth", "tflops"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0")
+    check_output_files(parser, json=args.json)
     ceilings = datasheet_ceilings(args.gpu, args.dtype)
     if args.bandwidth or args.tflops:
         ceilings = Ceilings(args.bandwidth * 1e12 if args.bandwidth else ceilings.bandwidth,
@@ -162,7 +183,7 @@ def _roofline(args, parser) -> int:
     cases = _cases(args, parser, "cuda")
     entries = roofline_entries(cases, DTYPES[args.dtype], ceilings)
     print(format_roofline(entries, DTYPES[args.dtype], ceilings))
-    if args.json:
+    if args.json is not None:
         with open(args.json, "w") as f:
             json.dump({"dtype": args.dtype, "ceilings": dataclasses.asdict(ceilings), "cases": entries}, f, indent=1)
     return 0
@@ -172,22 +193,36 @@ def _autotune(args, parser) -> int:
     from pathlib import Path
 
     from ..functional import interpreter_enabled
+    from ..tuning_cache import CACHE_ENV, default_cache_dir
     from .tune import list_candidates, run_autotune, shipped_defaults_path
 
+    target = None
+    if args.write_defaults is not None:
+        if args.list:
+            parser.error("--write-defaults has nothing to write with --list, which tunes nothing")
+        target = Path(args.write_defaults) if args.write_defaults else shipped_defaults_path()
+        check_output_files(parser, write_defaults=str(target))
+        if target.exists():  # it is merged into after tuning: unreadable, it would fail only then
+            try:
+                json.loads(target.read_text())
+            except (OSError, ValueError) as e:
+                parser.error(f"--write-defaults {str(target)!r} exists and is not readable JSON ({e})")
     cases = _cases(args, parser, "cuda")
     dtype = DTYPES[args.dtype]
     if args.list:
         list_candidates(cases, dtype)
         return 0
+    cache_dir = default_cache_dir()
+    problem = directory_problem(cache_dir)
+    if problem:  # each tuned shape is stored at once: an unusable cache would fail after the first
+        raise CommandError(f"the tuning cache directory {str(cache_dir)!r} cannot be written: {problem}; "
+                           f"set {CACHE_ENV} to a writable directory")
     if not torch.cuda.is_available():
         raise CommandError("autotune times the kernels on a CUDA GPU and torch sees none here "
                            "(use --list to see the search spaces without one)")
     if interpreter_enabled():
         raise CommandError("TRITON_INTERPRET=1 is set: the interpreter runs one configuration and there is "
                            "nothing to tune; unset it to tune on the GPU")
-    target = None
-    if args.write_defaults is not None:
-        target = Path(args.write_defaults) if args.write_defaults else shipped_defaults_path()
     run_autotune(cases, dtype, max_configs=args.max_configs or None, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                  write_defaults=target)
     return 0
@@ -197,6 +232,18 @@ def _compare(args, parser) -> int:
     from .compare import Settings, run_compare
     from .report import format_table, write_csv, write_json
 
+    check_output_files(parser, json=args.json, csv=args.csv, plot=args.plot)
+    if args.plot is not None:  # fail now, not after the whole run
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            raise CommandError("--plot needs matplotlib: pip install matplotlib (it is in the dev extra)") from None
+        # matplotlib picks the format from the extension (PNG without one) and refuses one it lacks.
+        extension = os.path.splitext(args.plot)[1][1:].lower()
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if extension and extension not in formats:
+            parser.error(f"--plot {args.plot!r}: matplotlib cannot write .{extension} files; expected one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: torch sees no CUDA GPU here; use --device cpu for the CPU backends")
@@ -208,22 +255,17 @@ def _compare(args, parser) -> int:
         cases += [BenchCase(f"{cases[0].name}-{side}x{side}", dataclasses.replace(first, height=side, width=side))
                   for side in args.sweep if (side, side) != (first.height, first.width)]
     dtype = DTYPES[args.dtype or ("bf16" if device_type == "cuda" else "fp32")]
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (fail now, not after the whole run)
-        except ImportError:
-            raise CommandError("--plot needs matplotlib: pip install matplotlib (it is in the dev extra)") from None
     settings = Settings(device=torch.device(device_type), dtype=dtype,
                         backends=args.backends or DEFAULT_BACKENDS[device_type], modes=args.modes,
                         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, rotate=args.rotate, tune=not args.no_tune,
                         max_configs=args.max_configs or None)
     report = run_compare(cases, settings, log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(report))
-    if args.json:
+    if args.json is not None:
         write_json(report, args.json)
-    if args.csv:
+    if args.csv is not None:
         write_csv(report, args.csv)
-    if args.plot:
+    if args.plot is not None:
         from .plots import plot_report
 
         plot_report(report, args.plot)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,43 @@ def test_main_reports_configuration_errors(capsys):
     assert "configuration error: batch_size = -2" in capsys.readouterr().err
     assert main(RANDOM + ["--amp", "fp16", "--device", "cpu"]) == 2
     assert "fp16' needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    # the peak is lr scaled to the global batch: 1e-3 x 8 / 256, below this min_lr although lr is not
+    (["--min-lr", "1e-4"], r"configuration error: min_lr = 0.0001 is above the peak learning rate 3.125e-05 "),
+    (["--resume", "{tmp}/absent.pt"], r"configuration error: resume = '.*absent.pt' \(command line\): no such file"),
+    (["--resume", "{tmp}/weights.pt"], r"checkpoint error: '.*weights.pt' is not a checkpoint of emim-train"),
+    (["--test"], r"configuration error: test = True: --test needs weights"),
+    (["--test", "--min-lr", "1"], r"--test needs weights"),  # the schedule does not matter to --test
+])
+def test_main_reports_run_errors_in_one_line(argv, message, tmp_path, capsys):
+    torch.save({"model": {}}, tmp_path / "weights.pt")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    # --stop-after: a missed error ends in a one-step run (exit 0), not in a whole default training run
+    common = ["--device", "cpu", "--run-dir", str(tmp_path / "run"), "--num-workers", "0", "--stop-after", "1"]
+    assert main(RANDOM + common + argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_main_reports_cuda_without_a_gpu(capsys):
+    assert main(RANDOM + ["--device", "cuda"]) == 2
+    assert "configuration error: device = 'cuda': torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_main_reports_triton_on_cpu_without_the_interpreter(tmp_path, monkeypatch, capsys):
+    from emim_triton.train.distributed import init_distributed
+    from emim_triton.train.setup import resolve
+
+    argv = RANDOM + ["--model", "emim_uniformer_xt", "--attn-backend", "triton", "--device", "cpu", "--run-dir",
+                     str(tmp_path), "--num-workers", "0", "--stop-after", "1", "--num-frames", "2", "--img-size", "16"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(argv) == 2
+    assert "attn_backend = 'triton' on the CPU needs Triton's interpreter" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # with it, the kernels run on the CPU: allowed
+    assert resolve(parse_config(argv)[0], init_distributed("cpu")).attn_backend == "triton"
 
 
 def test_shipped_recipes_are_valid():

@@ -6,7 +6,8 @@
     optim.py        AdamW parameter groups, learning-rate schedule
     mixup.py        mixup / cutmix on (B, C, T, H, W), label smoothing
     ema.py          weight EMA
-    checkpoint.py   atomic checkpoints, RNG states
+    checkpoint.py   checkpoints, RNG states
+    rundir.py       the run directory's lock, whole-or-nothing file writes
     evaluate.py     distributed evaluation counting each sample once
     metrics.py      top-k, multi-view averaging, confusion summary
     distributed.py  torchrun / DDP set-up and collectives

@@ -6,19 +6,23 @@ CUDA), the bad-video list and the resolved config. The data order needs no state
 function of (seed, epoch), and the position inside the epoch is ``step_in_epoch``.
 
 Everything is stored as tensors or plain Python values, so `load` can use ``torch.load(weights_only=True)``
-(a checkpoint is data; it must never run code). Files are written to a temporary name in the same
-directory, flushed to disk, then renamed over the old one: a crash mid-write leaves the previous
-checkpoint intact, never a truncated file.
+(a checkpoint is data; it must never run code). Files are written whole or not at all (`rundir.write_atomic`):
+a crash mid-write leaves the previous checkpoint intact, never a truncated file.
+
+``last.pt`` is the run's state; ``best.pt`` is a copy of it taken at the end of the best epoch. They are
+two files, so a kill can fall between their writes: last.pt is always written first, and a resumed run
+restores a best.pt that is missing or older than the best epoch last.pt records (`Trainer._resume`).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from .rundir import write_atomic
 
 FORMAT = "emim-train-checkpoint-v1"
 LAST, BEST = "last.pt", "best.pt"
@@ -47,31 +51,25 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(state: dict, path: str) -> None:
-    """Write atomically: temporary file in the same directory, fsync, rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save({"format": FORMAT, **state}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_atomic(path, lambda file: torch.save({"format": FORMAT, **state}, file))
 
 
-def load(path: str) -> dict:
-    """Read a checkpoint of this trainer (weights_only: no code runs), with a clear error otherwise."""
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint of this trainer (or not of the model asked for)."""
+
+
+def load(path: str, mmap: bool = False) -> dict:
+    """Read a checkpoint of this trainer (weights_only: no code runs), with a clear error otherwise.
+
+    mmap=True reads tensors only when they are used: cheap when only the counters are wanted.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True): {error}") from error
+        raise CheckpointError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True): {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a checkpoint of emim-train ({FORMAT}); to start from model weights "
-                         f"use --pretrained instead of --resume")
+        raise CheckpointError(f"{path!r} is not a checkpoint of emim-train ({FORMAT}); to start from model weights "
+                              f"use --pretrained instead of --resume")
     return state
 
 

@@ -13,6 +13,7 @@ import sys
 from emim_triton.data.annotations import AnnotationError
 from emim_triton.data.build import DatasetError
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, parse_config
 from .distributed import cleanup, init_distributed
 from .setup import resolve
@@ -20,15 +21,11 @@ from .trainer import Stopped, Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
+    trainer = None
     try:
         cfg, _ = parse_config(argv)
         dist = init_distributed(cfg.device)
         cfg = resolve(cfg, dist)
-    except ConfigError as error:
-        print(f"emim-train: configuration error: {error}", file=sys.stderr)
-        return 2
-    trainer = None
-    try:
         trainer = Trainer(cfg, dist)
         if cfg.test:
             trainer.test()
@@ -37,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Stopped as stop:
         return stop.exit_code
-    except (DatasetError, AnnotationError) as error:  # wrong paths or files: a message, not a traceback
+    # what the user can fix gets a message, not a traceback
+    except ConfigError as error:  # the options, and what only the run directory shows (a lock, --test's weights)
+        print(f"emim-train: configuration error: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        print(f"emim-train: checkpoint error: {error}", file=sys.stderr)
+        return 2
+    except (DatasetError, AnnotationError) as error:  # wrong paths or files
         print(f"emim-train: dataset error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -107,7 +107,7 @@ def motion_share(run_dir: str, clips: int = 16) -> list[float]:
 
     EMIM's output is proj(context + motion); the motion MLP starts at exactly zero, so this says whether
     training made the motion branch matter: ||proj(c + m) - proj(c)|| / ||proj(c) - proj bias|| per block,
-    with proj(c) computed by running the block again with the MLP's output layer zeroed.
+    i.e. the ratio of the projected motion and context terms (`EMIM.context_and_motion`).
     """
     import torch
 
@@ -138,13 +138,9 @@ def motion_share(run_dir: str, clips: int = 16) -> list[float]:
         for hook in hooks:
             hook.remove()
         for module, (args, kwargs) in inputs.items():
-            full = module(*args, **kwargs)
-            output_layer = module.motion_conv[2]
-            saved = output_layer.weight.clone(), output_layer.bias.clone()
-            output_layer.weight.zero_(), output_layer.bias.zero_()
-            context = module(*args, **kwargs)
-            output_layer.weight.copy_(saved[0]), output_layer.bias.copy_(saved[1])
-            shares.append(float((full - context).norm() / (context - module.proj.bias).norm()))
+            context, motion = module.context_and_motion(*args, **kwargs)
+            projected = [torch.nn.functional.linear(part.flatten(-2), module.proj.weight) for part in (context, motion)]
+            shares.append(float(projected[1].norm() / projected[0].norm()))
     return shares
 
 

@@ -325,6 +325,8 @@ def validate(cfg: TrainConfig, sources: dict[str, str] | None = None) -> None:
         close = difflib.get_close_matches(cfg.model, list_models(), n=3)
         fail("model", "unknown model" + (f"; did you mean {', '.join(close)}?" if close else
                                           f"; one of {', '.join(list_models())}"))
+    if cfg.resume is not None and not os.path.isfile(cfg.resume):
+        fail("resume", "no such file")
     if cfg.dataset != "random" and not (cfg.data_root or cfg.train_list):
         fail("data_root", f"dataset {cfg.dataset!r} needs --data-root (or explicit --train-list/--val-list)")
 

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from .rundir import write_text
+
 
 def _format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -94,8 +96,8 @@ class RunLogger:
         with open(self.path) as handle:
             records = [json.loads(line) for line in handle if line.strip()]
         kept = [r for r in records if (r["step"] <= step if r["kind"] == "train" else r["epoch"] <= completed_epochs)]
-        with open(self.path, "w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in kept)
+        # whole or not at all: a kill while rewriting in place would lose the log of the whole run
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, kind: str, epoch: int, step: int, **values) -> None:
         if not self.enabled:

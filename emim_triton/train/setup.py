@@ -17,9 +17,12 @@ from emim_triton.data.build import DataOptions, build_dataset, read_classes
 from emim_triton.data.dataset import collate
 from emim_triton.data.samplers import ShardedSampler
 from emim_triton.data.seeding import derive_seed
+from emim_triton.environment import interpreter_enabled
+from emim_triton.functional import resolve_backend
 
 from .config import ConfigError, TrainConfig
 from .distributed import Dist
+from .optim import scaled_lr
 
 
 def resolve(cfg: TrainConfig, dist: Dist) -> TrainConfig:
@@ -33,12 +36,21 @@ def resolve(cfg: TrainConfig, dist: Dist) -> TrainConfig:
         img_size=cfg.img_size or (size if isinstance(size, int) else size[0]),
         mean=tuple(cfg.mean or model_cfg["mean"]), std=tuple(cfg.std or model_cfg["std"]),
         device=dist.device.type,
-        attn_backend=cfg.attn_backend if cfg.attn_backend != "auto" else
-        ("triton" if dist.device.type == "cuda" else "reference"),  # never the slow interpreter for training
+        attn_backend=resolve_backend(cfg.attn_backend, dist.device),  # written out, so config.yaml says what ran
         amp=cfg.amp if cfg.amp != "auto" else ("bf16" if dist.device.type == "cuda" else "fp32"),
     )
     if updates["amp"] == "fp16" and dist.device.type != "cuda":
         raise ConfigError(f"amp = 'fp16' needs a GPU (device is {dist.device.type}); use bf16 or fp32 on CPU")
+    if updates["attn_backend"] == "triton" and dist.device.type == "cpu" and not interpreter_enabled():
+        raise ConfigError("attn_backend = 'triton' on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 in the "
+                          "environment, which is slow); use --attn-backend reference (or auto) on CPU")
+    # the peak is only known here, where the number of processes is: the cosine goes from it down to min_lr
+    global_batch = cfg.batch_size * dist.world_size * cfg.accum_steps
+    peak = scaled_lr(cfg.lr, global_batch, cfg.lr_base_batch)
+    if cfg.min_lr > peak and not cfg.test:
+        raise ConfigError(f"min_lr = {cfg.min_lr:g} is above the peak learning rate {peak:g} (lr {cfg.lr:g} x global "
+                          f"batch {global_batch} / lr_base_batch {cfg.lr_base_batch}): the schedule would rise over "
+                          f"the run; lower min_lr")
     cfg = dataclasses.replace(cfg, **updates)
     options = data_options(cfg)
     updates = dict(sampling=options.resolved_sampling, flip=options.resolved_flip)

@@ -12,6 +12,11 @@ checkpoint repeats exactly what the uninterrupted run did from there (on CPU, bi
 SIGTERM / SIGINT (cluster pre-emption, Ctrl-C) only raise a flag; the loop checks it after every step (all
 ranks agree through an all-reduce), writes a checkpoint and leaves with exit status 128 + signal. A second
 Ctrl-C aborts at once.
+
+A kill that no handler sees (SIGKILL, a node failure) can fall at any instant. The trainer holds the run
+directory's lock for its whole life and writes every file whole or not at all (`rundir`); last.pt is the
+state of the run and is written first, and what is derived from it (best.pt, bad_videos.txt) is restored
+from it on resumption.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import torch.nn as nn
 from emim_triton.data.seeding import derive_seed, generator
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, to_plain, write_config
+from . import rundir
+from .config import ConfigError, TrainConfig, to_plain, write_config
 from .distributed import Dist, all_gather_objects, any_true, barrier
 from .ema import ModelEMA
 from .evaluate import EvaluationInterrupted, evaluate
@@ -62,9 +68,26 @@ class Trainer:
         self.device = dist.device
         self.started = time.time()
         self.stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler during fit()
+        self.lock = None  # rank 0's claim on the run directory, released by close()
+        busy = None
         if dist.is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-        barrier()
+            try:
+                self.lock = rundir.claim(cfg.run_dir)
+            except rundir.RunDirBusy as error:
+                busy = error
+        if any_true(busy is not None, self.device):  # all ranks leave, not only rank 0
+            raise busy or rundir.RunDirBusy(f"run_dir = {cfg.run_dir!r}: in use by another emim-train process "
+                                            f"(rank 0 could not lock it)")
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # no Trainer to close() for the caller: the lock must not outlive this failure
+            raise
+
+    def _build(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        # before the data and the model, which take time: a --test without weights fails at once
+        self.test_weights = self._test_weights() if cfg.test else None
         self.log = RunLogger(cfg.run_dir, dist.is_main, cfg.tensorboard)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -135,7 +158,7 @@ class Trainer:
         state = ckpt.load(path)
         saved = state["config"]
         if saved.get("model") != self.cfg.model:
-            raise ValueError(f"{path} is a checkpoint of {saved.get('model')!r}, not of {self.cfg.model!r}")
+            raise ckpt.CheckpointError(f"{path} is a checkpoint of {saved.get('model')!r}, not of {self.cfg.model!r}")
         changed = sorted(k for k, v in to_plain(self.cfg).items()
                          if k not in _RUN_CONTROL and k in saved and saved[k] != v)
         if changed:
@@ -160,6 +183,31 @@ class Trainer:
                            f"{self.dist.world_size}: random streams restart, the run is not an exact continuation")
         self.log.truncate_after(self.global_step, self.epoch)
         self.log.print(f"resumed from {path}: epoch {self.epoch}, step {self.global_step}")
+        if self.dist.is_main:
+            self._restore_best(path, state)
+            self._write_bad_videos()
+
+    def _restore_best(self, path: str, state: dict) -> None:
+        """Write best.pt again if a kill fell between the writes of last.pt and best.pt.
+
+        The best checkpoint is the state at the end of its epoch, so a checkpoint taken at that very point
+        (epoch == best_epoch, no step into the next) is the best one, whatever happened to best.pt since.
+        """
+        if not state["best_epoch"]:
+            return  # no validation yet
+        best = os.path.join(self.cfg.run_dir, ckpt.BEST)
+        try:
+            best_epoch = ckpt.load(best, mmap=True)["epoch"] if os.path.isfile(best) else None
+        except ckpt.CheckpointError:
+            best_epoch = None
+        if best_epoch is not None and best_epoch >= state["best_epoch"]:
+            return
+        if (state["epoch"], state["step_in_epoch"]) == (state["best_epoch"], 0):
+            ckpt.save(state, best)
+            self.log.print(f"{best} restored from {path} (epoch {state['best_epoch']}, the best)")
+        else:
+            self.log.print(f"warning: {best} does not hold the best epoch {state['best_epoch']} that {path} "
+                           f"records, and {path} (epoch {state['epoch']}) cannot replace it")
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -178,11 +226,14 @@ class Trainer:
         state = self._state()
         if self.dist.is_main:
             ckpt.save(state, os.path.join(self.cfg.run_dir, ckpt.LAST))
-            if best:
+            if best:  # after last.pt, never before: see _restore_best
                 ckpt.save(state, os.path.join(self.cfg.run_dir, ckpt.BEST))
-            with open(os.path.join(self.cfg.run_dir, "bad_videos.txt"), "w") as handle:
-                handle.writelines(p + "\n" for p in sorted(self.bad_videos))
+            self._write_bad_videos()
         barrier()
+
+    def _write_bad_videos(self) -> None:
+        rundir.write_text(os.path.join(self.cfg.run_dir, "bad_videos.txt"),
+                          "".join(p + "\n" for p in sorted(self.bad_videos)))
 
     # ----------------------------------------------------------------------------------------- signals
     def _on_signal(self, signum, frame) -> None:
@@ -199,7 +250,8 @@ class Trainer:
         return 128 + self.stop_signal if self.stop_signal is not None else 0
 
     def close(self) -> None:
-        """Shut the data loaders' persistent worker processes down now, not at interpreter exit.
+        """Shut the data loaders' persistent worker processes down now, not at interpreter exit, then
+        release the run directory.
 
         A stop leaves the training loader mid-epoch with batches in flight. Left to interpreter exit,
         persistent workers with pinned memory (the GPU setting) are known to shut down slowly, about 5 s per
@@ -213,6 +265,7 @@ class Trainer:
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
                 iterator._shutdown_workers()
                 loader._iterator = None
+        rundir.release(self.lock)
 
     # -------------------------------------------------------------------------------------- training
     def fit(self) -> dict:
@@ -235,7 +288,7 @@ class Trainer:
                 self.epoch, self.step_in_epoch = completed, 0
                 self.save(best=improved)
             return self._finish()
-        except Stopped as stop:
+        except Stopped:
             self.log.print(f"stopped at step {self.global_step}; checkpoint {os.path.join(cfg.run_dir, ckpt.LAST)} "
                            f"(the same command resumes)")
             raise
@@ -386,8 +439,7 @@ class Trainer:
                        clips_per_s=round(self.global_step * self.global_batch / max(self.train_time, 1e-9), 2),
                        bad_videos=len(self.bad_videos), wall_time_s=round(time.time() - self.started, 1))
         if self.dist.is_main:
-            with open(os.path.join(self.cfg.run_dir, "results.json"), "w") as handle:
-                json.dump(results, handle, indent=1)
+            rundir.write_text(os.path.join(self.cfg.run_dir, "results.json"), json.dumps(results, indent=1))
             try:
                 plot_run(self.cfg.run_dir)
             except ImportError:
@@ -395,30 +447,35 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------------------------------ test
-    def test(self) -> dict:
-        """Multi-view video-level accuracy on the test split with the chosen checkpoint."""
+    def _test_weights(self) -> str | None:
+        """The checkpoint --test evaluates: --resume, else the run's best.pt, else its last.pt; None: the
+        --pretrained weights the model was built with."""
         cfg = self.cfg
         path = cfg.resume or next((p for p in (os.path.join(cfg.run_dir, ckpt.BEST), os.path.join(cfg.run_dir, ckpt.LAST))
                                    if os.path.isfile(p)), None)
+        if path is None and not cfg.pretrained:
+            raise ConfigError(f"test = True: --test needs weights: --resume CHECKPOINT, a run directory with "
+                              f"best.pt/last.pt (none in {cfg.run_dir}), or --pretrained")
+        return path
+
+    def test(self) -> dict:
+        """Multi-view video-level accuracy on the test split with the chosen checkpoint."""
+        cfg = self.cfg
+        path = self.test_weights
         if path:
             state = ckpt.load(path)
             use_ema = bool(state.get("ema"))
             self.model.load_state_dict(state["ema"]["module"] if use_ema else state["model"])
             source = f"{path} ({'EMA' if use_ema else 'model'} weights)"
-        elif cfg.pretrained:
-            source = cfg.pretrained
         else:
-            raise ValueError(f"--test needs weights: --resume CHECKPOINT, a run directory with best.pt/last.pt "
-                             f"({cfg.run_dir}), or --pretrained")
+            source = cfg.pretrained
         dataset = self.datasets["test"]
         loader = make_loader(dataset, cfg, self.dist, train=False)
         metrics, matrix, bad = self._run_eval(self.model, loader, dataset, "test")
         metrics.update(checkpoint=source, clips=dataset.clips, crops=dataset.crops,
                        bad_videos=[dataset.records[i].path for i in bad])
         if self.dist.is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            with open(os.path.join(cfg.run_dir, "test_results.json"), "w") as handle:
-                json.dump(metrics, handle, indent=1)
+            rundir.write_text(os.path.join(cfg.run_dir, "test_results.json"), json.dumps(metrics, indent=1))
             write_confusion(matrix, self.classes, os.path.join(cfg.run_dir, "confusion_test.csv"),
                             os.path.join(cfg.run_dir, "per_class_test.csv"))
         self.log.print(f"test ({dataset.clips} clips x {dataset.crops} crops, {metrics['videos']} videos, "

@@ -1,6 +1,6 @@
 """Per-GPU autotuning of the fused kernels, and the order in which the op finds its configurations.
 
-`resolve_configs(shape, dtype)` is what the op asks (through ``triton_backend.configs_for``):
+`resolve_configs(shape, dtype)` is what the op asks (``emim_triton.ops``, before each launch):
 
 1. under TRITON_INTERPRET=1: the interpreter's one configuration; nothing is timed;
 2. without a CUDA device: the heuristic (``configs.default_configs``);
@@ -42,7 +42,8 @@ import triton.testing  # not always imported by `import triton`
 
 from .checks import EMIMShape
 from .configs import EMIMConfigs, KERNELS, candidate_configs, default_configs, interpreter_configs
-from .functional import interpreter_enabled
+from . import triton_backend
+from .environment import interpreter_enabled
 from .tuning_cache import (DeviceId, TuningCache, configs_from_json, dtype_name, entry_key,
                            read_shipped_defaults)
 
@@ -290,10 +291,8 @@ class _DeviceTensors:
 def _time_candidate(kernel, cfg, shape, dtype, heuristic, tensors: _DeviceTensors, warmup_ms, rep_ms) -> Trial:
     from triton.runtime.errors import OutOfResources
 
-    from .triton_backend import example_launches
-
     configs = dataclasses.replace(heuristic, **{kernel: cfg})
-    launch = tensors.materialize(example_launches(shape, dtype, configs)[kernel])
+    launch = tensors.materialize(triton_backend.example_launches(shape, dtype, configs)[kernel])
     try:
         # Launched by hand, not with launch(), because the first launch compiles and returns the compiled
         # kernel, which knows its spills; a config needing more shared memory than the device has raises.
@@ -322,8 +321,6 @@ def check_same_results(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfig
 
     device: the current CUDA device by default (a CPU device runs the kernels in the interpreter).
     """
-    from . import triton_backend
-
     device = device or torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device).manual_seed(seed)
     B, T, H, W, heads, D, K = (shape.batch, shape.frames, shape.height, shape.width, shape.heads,
@@ -338,8 +335,8 @@ def check_same_results(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfig
     grad_out = torch.randn(B, T, H, W, heads, D, device=device, generator=gen).to(dtype)
 
     def run(cfgs):
-        out, lse = triton_backend.forward(*inputs, shape, scale, pad, store_lse=True, configs=cfgs)
-        return (out, *triton_backend.backward(grad_out, *inputs, lse, shape, scale, pad, configs=cfgs))
+        out, lse = triton_backend.forward(*inputs, shape, scale, pad, cfgs, store_lse=True)
+        return (out, *triton_backend.backward(grad_out, *inputs, lse, shape, scale, pad, cfgs))
 
     names = ("out", "dq", "dk", "dv", "drpb", "dw1", "db1", "dw2", "db2")
     for name, got, want in zip(names, run(configs), run(reference)):

@@ -15,6 +15,7 @@ import torch
 MIN_WINDOW, MAX_WINDOW = 3, 15
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels' q, k, v; float64 is reference-only
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class EMIMShape:
     heads: int
     head_dim: int
     window: int
+
+    @classmethod
+    def of(cls, q: torch.Tensor, rpb: torch.Tensor) -> "EMIMShape":
+        """The sizes of a call whose inputs `check_inputs` has already accepted (no checks here)."""
+        return cls(*q.shape, rpb.shape[-1])
 
     @property
     def radius(self) -> int:
@@ -177,3 +183,14 @@ def check_options(scale, pad_value) -> None:
                         f"got {type(pad_value).__name__}")
     if not math.isfinite(pad_value):
         raise ValueError(f"emim_attention: pad_value must be finite, got {pad_value!r}")
+
+
+def check_fused_inputs(q: torch.Tensor, interpreter: bool) -> None:
+    """What the fused kernels add to `check_inputs`: their dtypes, and a device they run on (CUDA, or the CPU
+    when Triton's interpreter is on)."""
+    if q.dtype not in FUSED_DTYPES:
+        raise TypeError(f"emim_attention: the triton backend takes float32, float16 or bfloat16 q, k, v; "
+                        f"got {q.dtype} (use backend='reference' for float64)")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreter):
+        raise ValueError(f"emim_attention: backend='triton' needs CUDA tensors (or CPU tensors with "
+                         f"TRITON_INTERPRET=1 set before triton is imported); q is on {q.device}")

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .checks import check_inputs, check_options
+from .checks import check_fused_inputs, check_inputs, check_options
+from .environment import BACKENDS, interpreter_enabled
 from .reference import emim_reference
-
-BACKENDS = ("auto", "triton", "reference")
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), else 'reference'."""
+    """'auto' -> 'triton' (the fused kernels) for CUDA tensors, 'reference' for anything else.
+
+    TRITON_INTERPRET=1 does not steer 'auto': the interpreter is a test harness's switch, and a user's model
+    on the CPU should not run the kernels one program at a time because of it. Ask for backend='triton' to
+    run the kernels in the interpreter.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"emim_attention: backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
-        return "triton"
-    return "reference"
+    return "triton" if device.type == "cuda" else "reference"
 
 
 def emim_attention(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, backend="auto"):
@@ -40,7 +35,8 @@ def emim_attention(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, 
         scale: attention scale, a number (default D ** -0.5); not a tensor: the op gives no gradient
             for it.
         pad_value: value of keys and values outside the frame (the authors' constant padding).
-        backend: "auto", "triton" (fused kernels) or "reference" (plain PyTorch).
+        backend: "auto" (the fused kernels for CUDA tensors, else the reference), "triton" (the fused
+            kernels; CPU tensors need TRITON_INTERPRET=1, the interpreter) or "reference" (plain PyTorch).
     Returns:
         (B, T, H, W, heads, D) contiguous tensor in q's dtype; ``.view(B, T*H*W, heads*D)`` is free.
     """
@@ -50,6 +46,7 @@ def emim_attention(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, 
         scale = q.shape[-1] ** -0.5
     if resolve_backend(backend, q.device) == "reference":
         return emim_reference(q, k, v, rpb, w1, b1, w2, b2, scale=scale, pad_value=pad_value)
+    check_fused_inputs(q, interpreter_enabled())
     from .ops import emim_fused  # imported here: the reference path must not need a Triton build
 
     return emim_fused(q, k, v, rpb, w1, b1, w2, b2, scale=float(scale), pad_value=float(pad_value))

@@ -3,16 +3,21 @@
 Two opaque ops: ``emim_triton::emim_forward`` -> (out, lse) and ``emim_triton::emim_backward`` -> the
 eight gradients. Each has a fake (meta) implementation, so `torch.compile(fullgraph=True)` traces
 models through the op without a graph break, and AOTAutograd sees the backward as one node too.
+
+The inputs arrive checked (`emim_attention` checks them once). Each op asks the tuner for the shape's launch
+configurations (`autotune.resolve_configs`) and hands them to the launcher (`triton_backend`), which depends
+on nothing above it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
-from . import triton_backend
-from .checks import check_inputs
-from .functional import interpreter_enabled
+from . import autotune, triton_backend
+from .checks import EMIMShape
+from .cost_model import emim_cost
 
 
 @torch.library.custom_op("emim_triton::emim_forward", mutates_args=())
@@ -20,8 +25,9 @@ def emim_forward_op(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, w1: Tensor, b1
                     b2: Tensor, scale: float, pad_value: float) -> tuple[Tensor, Tensor]:
     """Fused forward. Returns out (B, T, H, W, heads, D) and the softmax log-sum-exp
     (B, pairs, H, W, heads) float32, the only thing the backward keeps besides the inputs."""
-    shape = check_inputs(q, k, v, rpb, w1, b1, w2, b2)
-    return triton_backend.forward(q, k, v, rpb, w1, b1, w2, b2, shape, scale, pad_value, store_lse=True)
+    shape = EMIMShape.of(q, rpb)
+    configs = autotune.resolve_configs(shape, q.dtype).configs
+    return triton_backend.forward(q, k, v, rpb, w1, b1, w2, b2, shape, scale, pad_value, configs, store_lse=True)
 
 
 @emim_forward_op.register_fake
@@ -37,8 +43,9 @@ def emim_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Ten
                      w2: Tensor, b2: Tensor, lse: Tensor, scale: float, pad_value: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: gradients of (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype."""
-    shape = check_inputs(q, k, v, rpb, w1, b1, w2, b2)
-    return triton_backend.backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape, scale, pad_value)
+    shape = EMIMShape.of(q, rpb)
+    configs = autotune.resolve_configs(shape, q.dtype).configs
+    return triton_backend.backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape, scale, pad_value, configs)
 
 
 @emim_backward_op.register_fake
@@ -78,13 +85,22 @@ def _setup_nothing(ctx, inputs, output):
 torch.library.register_autograd("emim_triton::emim_backward", _no_double_backward, setup_context=_setup_nothing)
 
 
+# The ops are opaque to torch.utils.flop_counter; their cost is the cost model's (emim_triton/cost_model.py,
+# docs/operation.md#cost), so a FlopCounterMode (a model's GMACs, a training step's MFU) counts the fused path
+# exactly as it counts the reference path's einsums and linear layers (tested in tests/test_models.py).
+@register_flop_formula(torch.ops.emim_triton.emim_forward)
+def _forward_flops(q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs) -> int:
+    return emim_cost(EMIMShape(*q_shape, rpb_shape[-1])).forward_flops
+
+
+@register_flop_formula(torch.ops.emim_triton.emim_backward)
+def _backward_flops(grad_shape, q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs) -> int:
+    # Every product of the forward has two gradient products (w.r.t. each operand), as autograd's matmul
+    # backward counts on the reference path; the kernels' recomputation is not counted.
+    return emim_cost(EMIMShape(*q_shape, rpb_shape[-1])).backward_flops
+
+
 def emim_fused(q, k, v, rpb, w1, b1, w2, b2, *, scale: float, pad_value: float) -> Tensor:
-    """The Triton path of `emim_attention` (inputs already checked)."""
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"emim_attention: the triton backend takes float32, float16 or bfloat16 q, k, v; "
-                        f"got {q.dtype} (use backend='reference' for float64)")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreter_enabled()):
-        raise ValueError(f"emim_attention: backend='triton' needs CUDA tensors (or CPU tensors with "
-                         f"TRITON_INTERPRET=1 set before triton is imported); q is on {q.device}")
+    """The Triton path of `emim_attention` (inputs already checked, `checks.check_fused_inputs` included)."""
     out, _ = emim_forward_op(q, k, v, rpb, w1, b1, w2, b2, scale, pad_value)
     return out

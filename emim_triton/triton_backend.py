@@ -1,7 +1,8 @@
 """Launching the fused EMIM kernels: grids, strides, scratch buffers and the fixed-order reductions.
 
 The kernels are in ``emim_triton.kernels``; the autograd and custom-op glue is in ``emim_triton.ops``.
-Everything here works on already-checked inputs (``emim_triton.checks``).
+Everything here works on already-checked inputs (``emim_triton.checks``) with the launch configurations it is
+given (``emim_triton.autotune`` chooses them): the launcher imports nothing above it.
 
 Backward plan (no atomics anywhere, so gradients are bit-identical run after run):
 1. query kernel, one program per query tile: recomputes the affinities from the saved log-sum-exp,
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .autotune import resolve_configs
 from .checks import EMIMShape
 from .configs import EMIMConfigs, RowConfig, TileConfig, padded_head_dim, padded_window_area
 from .kernels.backward_key_value import emim_backward_key_value_kernel
@@ -45,12 +45,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     low-precision paths lose nothing measurable to it.
     """
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def configs_for(shape: EMIMShape, dtype: torch.dtype) -> EMIMConfigs:
-    """The launch configurations for a shape: the interpreter's under TRITON_INTERPRET=1, else this GPU's
-    tuned ones (user cache, opt-in tuning, shipped defaults), else the heuristic; see emim_triton.autotune."""
-    return resolve_configs(shape, dtype).configs
 
 
 @dataclass
@@ -162,9 +156,8 @@ def contiguous_parameters(rpb, w1, b1, w2, b2) -> tuple[torch.Tensor, ...]:
 
 
 def forward(q, k, v, rpb, w1, b1, w2, b2, shape: EMIMShape, scale: float, pad_value: float,
-            store_lse: bool, configs: EMIMConfigs | None = None):
+            configs: EMIMConfigs, store_lse: bool):
     """Run the forward kernel. Returns (out, lse); lse is (B, pairs, H, W, heads) float32 or None."""
-    configs = configs or configs_for(shape, q.dtype)
     rpb, w1, b1, w2, b2 = contiguous_parameters(rpb, w1, b1, w2, b2)
     B, T, H, W, heads, D = q.shape
     out = new_buffer((B, T, H, W, heads, D), q.dtype, q.device)
@@ -186,10 +179,9 @@ def fold_last_frame_grad(grad_out: torch.Tensor, shape: EMIMShape) -> torch.Tens
 
 
 def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scale: float, pad_value: float,
-             configs: EMIMConfigs | None = None):
+             configs: EMIMConfigs):
     """Gradients for (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype (the parameters' gradients
     contiguous, whatever the parameters' own strides: autograd accepts any layout for a gradient)."""
-    configs = configs or configs_for(shape, q.dtype)
     rpb, w1, b1, w2, b2 = contiguous_parameters(rpb, w1, b1, w2, b2)
     B, T, H, W, heads, D = q.shape
     device = q.device
@@ -222,13 +214,12 @@ def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scal
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, rpb, w1, b1, w2, b2)))
 
 
-def example_launches(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs | None = None,
+def example_launches(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs,
                      param_dtype: torch.dtype = torch.float32, device="meta") -> dict[str, KernelLaunch]:
     """The four launches the op makes for `shape`, on stand-in tensors (meta by default: no memory).
 
     For compiling ahead of time (tests, autotuner pruning) and timing (autotuner, on a GPU device).
     """
-    configs = configs or configs_for(shape, dtype)
     B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
     qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
     q, k, v = qkv.view(B, T, H, W, 3, heads, D).unbind(4)  # the strided layout models pass in

@@ -6,11 +6,11 @@ convolutions, linear layers and attention products of one clip, in units of 1e9;
 in FLOPs (2 per multiply-add), so MACs = FLOPs / 2. Papers that say "GFLOPs" for video models almost
 always mean these GMACs.
 
-Two operations need help from here:
-- the fused op ``torch.ops.emim_triton.emim_forward`` (and its backward) is opaque to the counter; its
-  cost comes from SPEC's cost model (`emim_forward_flops`), registered as a FLOP formula;
-- global attention on CPU dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu``, which the
-  counter does not know; it gets the usual 2 x (QK^T + PV) formula.
+The fused op ``torch.ops.emim_triton.emim_forward`` (and its backward) is opaque to the counter; the op
+registers its own FLOP formula beside it (`emim_triton.ops`, from the cost model, docs/operation.md#cost).
+One operation needs help from here: global attention on CPU dispatches to
+``aten._scaled_dot_product_flash_attention_for_cpu``, which the counter does not know; it gets the usual
+2 x (QK^T + PV) formula.
 On the CPU reference path (and on the meta device) EMIM runs as einsums and linear layers, which the
 counter sees one by one; for one EMIM call they add up exactly to `emim_forward_flops` (tested).
 
@@ -32,7 +32,8 @@ from emim_triton.cost_model import emim_cost
 
 def emim_forward_flops(batch: int, frames: int, height: int, width: int, heads: int, head_dim: int,
                        window: int) -> int:
-    """FLOPs of one EMIM forward: `emim_triton.cost_model`, the one home of SPEC's cost model.
+    """FLOPs of one EMIM forward: `emim_triton.cost_model`, the one home of the cost model
+    (docs/operation.md#cost).
 
     The rows computed are B x (T - 1) frame pairs x H x W x heads: output frame T-1 is a copy of frame
     T-2 and costs nothing (T = 1: one pair, the frame with itself). This is the work the fused kernels and
@@ -41,18 +42,6 @@ def emim_forward_flops(batch: int, frames: int, height: int, width: int, heads: 
     """
     shape = EMIMShape(batch, frames, height, width, heads, head_dim, window)
     return emim_cost(shape).forward_flops
-
-
-def _emim_forward_formula(q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs) -> int:
-    B, T, H, W, heads, D = q_shape
-    return emim_forward_flops(B, T, H, W, heads, D, rpb_shape[-1])
-
-
-def _emim_backward_formula(grad_shape, q_shape, k_shape, v_shape, rpb_shape, *args, out_shape=None, **kwargs):
-    # The cost model's convention: every product of the forward has two gradient products (w.r.t. each
-    # operand), as autograd's matmul backward counts on the reference path; recomputation is not counted.
-    B, T, H, W, heads, D = q_shape
-    return emim_cost(EMIMShape(B, T, H, W, heads, D, rpb_shape[-1])).backward_flops
 
 
 def _cpu_sdpa_formula(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
@@ -65,33 +54,17 @@ def _cpu_sdpa_formula(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs
     return 2 * rows * queries * keys * (head_dim + value_dim)
 
 
-_registered = False
+def register_flop_formulas() -> None:
+    """Teach `torch.utils.flop_counter` CPU flash SDPA (the fused EMIM op registers its own formula).
 
-
-def register_flop_formulas() -> bool:
-    """Teach `torch.utils.flop_counter` the fused EMIM op (forward and backward) and CPU flash SDPA.
-
-    Idempotent; called by `count_flops`. Call it yourself to use a plain ``FlopCounterMode`` (e.g. to
-    measure a training step's MFU). Returns False when the fused op cannot be imported (no Triton); the
-    reference path needs no formula.
+    Idempotent; called by `count_flops`. Call it yourself to use a plain ``FlopCounterMode`` on a model with
+    global attention on the CPU.
     """
-    global _registered
-    if _registered:
-        return True
     from torch.utils.flop_counter import flop_registry
 
     sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if sdpa_cpu not in flop_registry:
         register_flop_formula(sdpa_cpu)(_cpu_sdpa_formula)
-    try:
-        import emim_triton.ops  # noqa: F401  (defines torch.ops.emim_triton.*; needs Triton)
-    except ImportError:
-        return False
-    if torch.ops.emim_triton.emim_forward not in flop_registry:
-        register_flop_formula(torch.ops.emim_triton.emim_forward)(_emim_forward_formula)
-        register_flop_formula(torch.ops.emim_triton.emim_backward)(_emim_backward_formula)
-    _registered = True
-    return True
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,6 @@ def _heuristic(shape, dtype=torch.bfloat16):
 def test_untuned_shape_uses_the_heuristic_without_tuning(fake_gpu):
     resolved = autotune.resolve_configs(STAGE3, torch.bfloat16)
     assert resolved == autotune.Resolved(_heuristic(STAGE3), "heuristic")
-    assert triton_backend.configs_for(STAGE3, torch.bfloat16) == _heuristic(STAGE3)
     assert fake_gpu == [], "never tunes unasked"
 
 

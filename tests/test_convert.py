@@ -546,7 +546,7 @@ def test_converted_layer_on_the_fused_kernels_matches_the_reference():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     holder = nn.Sequential(Attention(32, 2)).to(device)
-    convert_to_emim(holder, (2, 3, 3), window=3, backend="auto")
+    convert_to_emim(holder, (2, 3, 3), window=3, backend="triton")
     fused = holder[0]
     reference = copy.deepcopy(fused)
     reference.backend = "reference"

@@ -267,12 +267,23 @@ def test_extra_repr_shows_the_configuration():
 # The fused kernels through the module (slow in the interpreter: one tiny shape)
 # ----------------------------------------------------------------------------------------------------
 
+def test_auto_backend_is_the_fused_kernels_on_cuda_and_the_reference_elsewhere(monkeypatch):
+    """TRITON_INTERPRET=1 (a test harness's switch) does not steer a user's model onto the CPU interpreter."""
+    from emim_triton.functional import resolve_backend
+
+    for interpret in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert resolve_backend("auto", torch.device("cpu")) == "reference"
+        assert resolve_backend("auto", torch.device("cuda")) == "triton"
+        assert resolve_backend("triton", torch.device("cpu")) == "triton"
+
+
 @pytest.mark.fused
-def test_auto_backend_matches_the_reference():
-    """backend="auto" takes the Triton kernels on CUDA, and on CPU under TRITON_INTERPRET=1 (which
-    tests/conftest.py sets when there is no GPU); forward and parameter gradients match the reference."""
+def test_fused_backend_matches_the_reference():
+    """The module on the fused kernels (CUDA, or the interpreter on the CPU): forward and parameter
+    gradients match the reference backend's."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fused = EMIM(DIM, HEADS, window=WINDOW, backend="auto").to(device)
+    fused = EMIM(DIM, HEADS, window=WINDOW, backend="triton").to(device)
     with torch.no_grad():
         fused.motion_conv[2].weight.normal_(std=0.1)
     reference = EMIM(DIM, HEADS, window=WINDOW, backend="reference").to(device)
@@ -285,3 +296,29 @@ def test_auto_backend_matches_the_reference():
     out_reference.square().sum().backward()
     for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
         assert relative_error(p.grad, q.grad) < FP32_KERNEL_RTOL, name
+
+
+def test_qkv_views_are_what_the_op_receives():
+    module = make_module()
+    x = torch.randn(2, 60, DIM, dtype=torch.float64)
+    q, k, v = module.qkv_views(x, frames=FRAMES)
+    assert q.shape == (2, *FRAMES, HEADS, DIM // HEADS)
+    projected = module.qkv(x).view(2, *FRAMES, 3, HEADS, DIM // HEADS)
+    for i, t in enumerate((q, k, v)):
+        assert torch.equal(t, projected[..., i, :, :])
+    with pytest.raises(ValueError, match=r"T\*H\*W = 60 tokens.*N = 61"):
+        module.qkv_views(torch.randn(2, 61, DIM, dtype=torch.float64), frames=FRAMES)
+
+
+def test_context_and_motion_add_up_to_the_layer_and_motion_starts_at_zero():
+    module = make_module()
+    x = torch.randn(2, 60, DIM, dtype=torch.float64)
+    context, motion = module.context_and_motion(x, frames=FRAMES)
+    assert torch.equal(motion, torch.zeros_like(motion))  # W2 = b2 = 0 at initialisation
+    with torch.no_grad():
+        module.motion_conv[2].weight.normal_(std=0.1)
+        module.motion_conv[2].bias.normal_(std=0.1)
+    context_after, motion = module.context_and_motion(x, frames=FRAMES)
+    assert torch.allclose(context_after, context) and motion.abs().max() > 1e-3  # the context has no motion in it
+    out = module.proj((context + motion).reshape(2, 60, DIM))
+    assert relative_error(out, module(x, frames=FRAMES)) < REFERENCE_RTOL[torch.float64]

@@ -127,19 +127,49 @@ class EMIM(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: tuple[int, int, int] | None = None) -> torch.Tensor:
         B, T, H, W = self._layout(x, frames)
-        # One Linear for q, k and v; the op reads the three as strided views of its output (no copies).
         qkv = self.qkv(x)
-        patches = qkv[:, self.num_prefix_tokens:] if self.num_prefix_tokens else qkv
-        q, k, v = patches.view(B, T, H, W, 3, self.num_heads, self.head_dim).unbind(4)
-        hidden_layer, _, output_layer = self.motion_conv
-        out = emim_attention(q, k, v, self.rpb, hidden_layer.weight, hidden_layer.bias, output_layer.weight,
-                             output_layer.bias, scale=self.scale, pad_value=self.pad_value, backend=self.backend)
+        out = self._attention(*self._split_heads(qkv, (B, T, H, W)), *self._motion_mlp())
         # The op's output is contiguous (B, T, H, W, heads, D), so merging the heads is a free view.
         if self.num_prefix_tokens:
             out = torch.cat([self._prefix_attention(qkv), out.view(B, T * H * W, self.dim)], dim=1)
         else:
             out = out.view(*x.shape[:-1], self.dim)
         return self.proj_drop(self.proj(out))
+
+    def qkv_views(self, x: torch.Tensor, frames: tuple[int, int, int] | None = None):
+        """q, k, v of x's video tokens, (B, T, H, W, heads, D) each: what this layer hands the op (three
+        strided views of one qkv projection; prefix tokens left out). Same ``x`` and ``frames`` as forward."""
+        layout = self._layout(x, frames)
+        return self._split_heads(self.qkv(x), layout)
+
+    def context_and_motion(self, x: torch.Tensor, frames: tuple[int, int, int] | None = None):
+        """The two terms of the op's output before the output projection, (B, T, H, W, heads, D) each:
+        the attention context and the motion features (their sum is what forward projects).
+
+        The op fuses the two, so the context is computed by a second call of the op with the motion MLP's
+        output layer at zero (which makes the motion term exactly zero), and the motion is the difference:
+        exact up to the rounding of one subtraction. For analysis (how much a layer relies on motion), not
+        for training: it costs two calls of the op.
+        """
+        q, k, v = self.qkv_views(x, frames)
+        w1, b1, w2, b2 = self._motion_mlp()
+        total = self._attention(q, k, v, w1, b1, w2, b2)
+        context = self._attention(q, k, v, w1, b1, torch.zeros_like(w2), torch.zeros_like(b2))
+        return context, total - context
+
+    def _motion_mlp(self):
+        hidden_layer, _, output_layer = self.motion_conv
+        return hidden_layer.weight, hidden_layer.bias, output_layer.weight, output_layer.bias
+
+    def _attention(self, q, k, v, w1, b1, w2, b2) -> torch.Tensor:
+        return emim_attention(q, k, v, self.rpb, w1, b1, w2, b2, scale=self.scale, pad_value=self.pad_value,
+                              backend=self.backend)
+
+    def _split_heads(self, qkv: torch.Tensor, layout: tuple[int, int, int, int]):
+        """q, k, v as views of the qkv projection of a (B, T, H, W) video (one Linear for the three: no copies)."""
+        B, T, H, W = layout
+        patches = qkv[:, self.num_prefix_tokens:] if self.num_prefix_tokens else qkv
+        return patches.view(B, T, H, W, 3, self.num_heads, self.head_dim).unbind(4)
 
     def _prefix_attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """The prefix tokens' outputs (B, n, C): their queries attend to all N tokens, as in the global

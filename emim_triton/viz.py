@@ -1,15 +1,5 @@
-"""Seeing the motion EMIM finds: motion fields from the attention of every EMIM layer, and `emim-viz`.
-
-In an EMIM layer, each query's softmax over its K x K window in the next frame is a distribution over
-displacements (dy, dx) = (i - r, j - r) to that frame. Read as such it gives, per token, head and frame pair:
-
-    expected displacement  sum_o p[o] * (dy_o, dx_o)      a flow vector, in tokens
-    peak displacement      the (dy, dx) of the largest p  the most likely displacement
-    confidence             1 - entropy(p) / log(K²)       0 for a uniform window, 1 for a single entry
-
-`motion_fields(model, clip)` runs the model once and returns these for every EMIM layer. They are computed
-beside the model's own forward, from the q and k the layer sees, with the reference helpers (speed does not
-matter here, and the fused kernels never form p): so the model itself may run on any backend.
+"""`emim-viz`: decode a clip, run a registered model, and draw the motion field of every EMIM layer
+(computed by emim_triton/motion_field.py; drawn by emim_triton/viz_draw.py).
 
     python -m emim_triton.viz --model emim_uniformer_xt --video clip.mp4 --out viz/   (or: emim-viz ...)
 """
@@ -17,139 +7,15 @@ matter here, and the fused kernels never form p): so the model itself may run on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .convert import GridEMIM
 from .module import EMIM
-from .reference import affinities, autocast_disabled, frame_pairs, gather_windows
-
-
-@dataclass
-class MotionField:
-    """The motion one EMIM layer sees, for each frame pair (t -> t + 1), P = max(T - 1, 1) pairs.
-
-    Displacements are (dy, dx) in tokens of the layer's grid (y down, x right); multiply by the layer's
-    stride in pixels to get pixels. The head-averaged entries describe the heads' mixture (the mean of
-    their distributions): its expected displacement is the mean of the heads', its confidence is lower
-    when the heads disagree.
-    """
-
-    name: str
-    grid: tuple[int, int, int]          # T, H, W of the layer's tokens
-    window: int
-    displacement: torch.Tensor          # (B, P, H, W, heads, 2) expected (dy, dx) per head
-    peak: torch.Tensor                  # (B, P, H, W, heads, 2) most likely (dy, dx) per head
-    confidence: torch.Tensor            # (B, P, H, W, heads)
-    mean_displacement: torch.Tensor     # (B, P, H, W, 2) of the heads' mixture
-    mean_confidence: torch.Tensor       # (B, P, H, W) of the heads' mixture
-
-
-def window_displacements(window: int, device=None) -> torch.Tensor:
-    """(K², 2): the displacement (dy, dx) = (i - r, j - r) that window entry o = i*K + j stands for."""
-    r = window // 2
-    offsets = torch.arange(window, device=device, dtype=torch.float32) - r
-    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
-    return torch.stack([dy.reshape(-1), dx.reshape(-1)], dim=-1)
-
-
-def _confidence(p: torch.Tensor) -> torch.Tensor:
-    """1 - entropy / log(K²) over the last axis (0 * log 0 taken as 0)."""
-    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
-    return 1 - entropy / math.log(p.shape[-1])
-
-
-def field_from_qk(q: torch.Tensor, k: torch.Tensor, emim: EMIM, name: str = "") -> MotionField:
-    """The motion field of one EMIM layer from its q and k, (B, T, H, W, heads, D) each."""
-    B, T, H, W, heads, D = q.shape
-    K = emim.window
-    q_frames, k_frames = frame_pairs(T)
-    offsets = window_displacements(K, device=q.device)
-    rpb = emim.rpb.detach().float()
-    probs = []
-    with torch.no_grad(), autocast_disabled(q.device):
-        # One frame pair at a time: the gathered key windows of a whole clip can be large (K² x keys).
-        for tq, tk in zip(range(T)[q_frames], range(T)[k_frames]):
-            k_windows = gather_windows(k[:, tk].float(), K, emim.pad_value)
-            a = affinities(q[:, tq].float(), k_windows, rpb, emim.scale)
-            probs.append(torch.softmax(a, dim=-1))
-        p = torch.stack(probs, dim=1)                              # (B, P, H, W, heads, K²)
-        mixture = p.mean(dim=-2)                                   # (B, P, H, W, K²)
-        return MotionField(
-            name=name, grid=(T, H, W), window=K,
-            displacement=p @ offsets,
-            peak=offsets[p.argmax(dim=-1)],
-            confidence=_confidence(p),
-            mean_displacement=mixture @ offsets,
-            mean_confidence=_confidence(mixture),
-        )
-
-
-def emim_layers(model: nn.Module) -> dict[str, EMIM]:
-    """The EMIM modules of a model by name; a clear error when there is none."""
-    layers = {name or "(model)": m for name, m in model.named_modules() if isinstance(m, EMIM)}
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no EMIM layer, so there is no motion to show: use an "
-                         f"emim_* model from emim_triton.models, or convert yours with "
-                         f"emim_triton.convert_to_emim")
-    return layers
-
-
-@contextlib.contextmanager
-def record_motion(model: nn.Module) -> Iterator[dict[str, MotionField]]:
-    """Within the context, every forward of an EMIM layer of ``model`` stores its `MotionField` (the last
-    call of each layer wins) in the dict this yields.
-
-        with record_motion(model) as fields:
-            logits = model(clip)
-    """
-    fields: dict[str, MotionField] = {}
-
-    def make_hook(name: str):
-        def hook(emim: EMIM, args, kwargs):
-            x = args[0] if args else kwargs["x"]
-            frames = kwargs.get("frames")
-            if frames is None:  # a converted layer knows its grid; EMIM.forward(x, frames) may be positional
-                frames = emim.grid if isinstance(emim, GridEMIM) else (args[1] if len(args) > 1 else None)
-            B, T, H, W = emim._layout(x, frames)
-            with torch.no_grad():
-                qkv = emim.qkv(x)
-                if emim.num_prefix_tokens:  # a class token has no place in the grid
-                    qkv = qkv[:, emim.num_prefix_tokens:]
-                q, k, _ = qkv.reshape(B, T, H, W, 3, emim.num_heads, emim.head_dim).unbind(4)
-            fields[name] = field_from_qk(q, k, emim, name)
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(name), with_kwargs=True)
-               for name, m in emim_layers(model).items()]
-    try:
-        yield fields
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def motion_fields(model: nn.Module, clip: torch.Tensor, **forward_kwargs) -> dict[str, MotionField]:
-    """Run ``model(clip, **forward_kwargs)`` once (eval mode, no gradients) and return the motion field of
-    every EMIM layer, by module name, in the order the layers ran."""
-    was_training = model.training
-    model.eval()
-    try:
-        with record_motion(model) as fields, torch.no_grad():
-            model(clip, **forward_kwargs)
-    finally:
-        model.train(was_training)
-    if not fields:
-        raise ValueError(f"no EMIM layer of {type(model).__name__} ran in this forward pass")
-    return fields
+from .motion_field import record_motion
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,8 +144,8 @@ _PICTURES = ("flow.png", "arrows.png", "motion.gif")
 
 def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks that need no model and no video, so that a bad flag costs nothing."""
-    from .bench.paths import directory_problem
-    from .functional import interpreter_enabled
+    from .output_paths import directory_problem
+    from .environment import interpreter_enabled
 
     missing = [flag for flag in ("model", "video", "out") if getattr(args, flag) is None]
     if missing:
@@ -301,7 +167,7 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .bench.paths import file_problem
+    from .output_paths import file_problem
     from .video_io import clip_from_frames, decode_video, write_demo_clip  # PyAV and Pillow: only the command
     from .viz_draw import write_pictures
 

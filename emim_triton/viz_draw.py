@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .viz import MotionField
+from .motion_field import MotionField
 
 # The wheel's hue ramps, in order around the circle: (number of steps, start colour, end colour). Unequal
 # step counts make perceptually similar hue differences take similar angles (the benchmark's choice).

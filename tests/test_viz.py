@@ -21,7 +21,8 @@ from emim_triton import EMIM
 from emim_triton.convert import GridEMIM
 from emim_triton.models import create_model
 from emim_triton.video_io import translating_square, write_video
-from emim_triton.viz import main, motion_fields, window_displacements
+from emim_triton.motion_field import motion_fields, window_displacements
+from emim_triton.viz import main
 from emim_triton.viz_draw import colour_wheel, flow_to_rgb
 
 pytest.importorskip("av")

@@ -9,7 +9,6 @@
     timing.py     timing (do_bench / wall clock) with rotating inputs, peak memory
     roofline.py   ceilings (measured or datasheet) and the two floors
     report.py     table, JSON, CSV;  plots.py  the PNG;  progress.py  the progress bar
-    paths.py      output paths checked before a run (also used by emim-viz)
 
 FLOP and byte counts come from emim_triton/cost_model.py.
 """

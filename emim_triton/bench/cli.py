@@ -22,7 +22,7 @@ import torch
 from ..cost_model import MODES
 from .backends import BACKENDS, DEFAULT_BACKENDS
 from .cases import BenchCase, cases_from_model, default_cases, parse_shape
-from .paths import directory_problem, file_problem
+from ..output_paths import directory_problem, file_problem
 from .roofline import DATASHEETS, Ceilings, datasheet_ceilings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -192,7 +192,7 @@ def _roofline(args, parser) -> int:
 def _autotune(args, parser) -> int:
     from pathlib import Path
 
-    from ..functional import interpreter_enabled
+    from ..environment import interpreter_enabled
     from ..tuning_cache import CACHE_ENV, default_cache_dir
     from .tune import list_candidates, run_autotune, shipped_defaults_path
 

@@ -2,45 +2,61 @@
 
 `compile_for_gpu` runs Triton's real compiler pipeline (Triton IR -> TritonGPU IR -> LLVM IR -> PTX ->
 cubin via ptxas) for a chosen compute capability and returns what the compiled kernel needs: shared
-memory, registers, spills and the size of the PTX. The CPU interpreter (TRITON_INTERPRET=1) never
-runs that pipeline, so this is how GPU-only failures -- a `tl.dot` block smaller than 16, too much
-shared memory for a config, ptxas errors -- are caught in CI without a GPU:
+memory, registers, spills, the size of the PTX and, on request, the cubin. The CPU interpreter
+(TRITON_INTERPRET=1) never runs that pipeline, so this is how GPU-only failures -- a `tl.dot` block
+smaller than 16, too much shared memory for a config, ptxas errors -- are caught in CI without a GPU:
 
     info = compile_for_gpu(my_kernel, args={"x_ptr": x, "n": 1024}, constexprs={"BLOCK": 128}, arch=90)
     assert info.shared_bytes <= 227 * 1024
 
 Nothing is launched, so the example `args` can be CPU or meta tensors: only their dtypes are used.
+`compile_jobs` compiles many kernels in one go (errors returned in place), and
+``python -m emim_triton.aot --jobs IN.json --output OUT.json`` does the same from the command line.
+
+The compiler needs Triton as ``@triton.jit`` makes it without the interpreter. Where Triton was imported
+with TRITON_INTERPRET=1 (the test suite on a machine without a GPU), ``@triton.jit`` made interpreter
+functions instead -- of the kernels and of Triton's own standard library -- which the compiler cannot
+follow. There the compile runs in a child process started without TRITON_INTERPRET: it imports the
+kernel by module and name (so the kernel must be defined at module level), compiles, and answers in
+JSON. Starting a child costs about a second of imports, so compile many kernels with one
+`compile_jobs` call rather than many `compile_for_gpu` calls.
 
 The kernel is specialised the way `kernel[grid](...)` specialises it at launch: tensors become pointer
 arguments with 16-byte alignment hints, integers divisible by 16 get a divisibility hint, and an
 integer equal to 1 (typically a unit stride) becomes a compile-time constant. Parameters listed in
 the kernel's ``do_not_specialize`` / ``do_not_specialize_on_alignment`` get no hints.
 
-Works with TRITON_INTERPRET=1 set. Then ``@triton.jit`` makes ``InterpretedFunction``s -- the kernel,
-its helpers and Triton's own ``tl.cdiv``, ``tl.sum``, ... -- which the compiler cannot follow, so
-while compiling each is temporarily swapped for the ``JITFunction`` it would otherwise have been.
-Tested with Triton 3.6 and 3.9; needs the nvidia backend that ships in the Triton wheel (with ptxas),
-see `aot_supported`. Each call compiles from scratch (Triton's on-disk cache is bypassed) so the
-ptxas statistics are always there. Compiling temporarily changes process-wide state (Triton's
-settings, module globals under the interpreter), so do not call it while another thread runs
-Triton code.
+Uses only Triton's compile API (``triton.compile``, ``ASTSource``, ``GPUTarget``, ``knobs``), present
+from Triton 3.4 on; tested with 3.9. Needs the nvidia backend that ships in the Triton wheel (with
+ptxas), see `aot_supported`. Each compile bypasses Triton's on-disk cache
+so that ptxas runs and its statistics (registers, spills) are always there.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import contextlib
+import importlib
+import importlib.util
 import inspect
 import io
+import json
+import os
 import re
+import subprocess
 import sys
-import weakref
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import triton
 
-__all__ = ["AOTCompileError", "CompiledKernelInfo", "aot_supported", "compile_for_gpu"]
+__all__ = ["AOTCompileError", "CompileJob", "CompiledKernelInfo", "aot_supported", "compile_for_gpu",
+           "compile_jobs", "kernel_function", "triton_compiles_here"]
+
+INTERPRET_ENV = "TRITON_INTERPRET"
 
 
 @dataclass(frozen=True)
@@ -52,13 +68,56 @@ class CompiledKernelInfo:
     num_warps: int
     num_stages: int
     shared_bytes: int  # shared memory per program that Triton requests at launch (metadata.shared)
-    registers: int | None  # registers per thread (ptxas), None if unknown
-    spills: int | None  # bytes of register spill stores per thread (ptxas), None if unknown
+    registers: int | None  # registers per thread (ptxas), None if its log could not be read
+    spills: int | None  # bytes of register spill stores per thread (ptxas), None if its log could not be read
     ptx_chars: int  # size of the PTX text
+    cubin: bytes = field(default=b"", repr=False, compare=False)  # only when asked for (keep_cubin)
+
+    def to_json(self) -> dict:
+        fields = {k: v for k, v in vars(self).items() if k != "cubin"}
+        return {**fields, "cubin": base64.b64encode(self.cubin).decode("ascii")}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CompiledKernelInfo":
+        return cls(**{**data, "cubin": base64.b64decode(data.get("cubin", ""))})
 
 
 class AOTCompileError(RuntimeError):
-    """The kernel does not compile for the GPU target; the Triton error is the ``__cause__``."""
+    """The kernel does not compile for the GPU target. In-process the Triton error is the ``__cause__``;
+    from a child process its text is in the message."""
+
+
+@dataclass
+class CompileJob:
+    """One kernel to compile: the arguments of `compile_for_gpu`, as a value that can cross processes."""
+
+    kernel: Any
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    arch: int = 90
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def of_launch(cls, launch, arch: int) -> "CompileJob":
+        """The job for a `emim_triton.triton_backend.KernelLaunch` (kernel, args, constexprs, options)."""
+        return cls(launch.kernel, launch.args, launch.constexprs, arch, launch.num_warps, launch.num_stages)
+
+    def to_json(self) -> dict:
+        _, fn = _python_function(self.kernel)
+        if "<locals>" in fn.__qualname__:
+            raise ValueError(f"{fn.__name__} is defined inside a function, so another process cannot import it; "
+                             f"define it at module level, or compile in a process without {INTERPRET_ENV}")
+        return dict(kernel={"module": fn.__module__, "qualname": fn.__qualname__, "file": inspect.getsourcefile(fn)},
+                    args={name: _encode_arg(name, value) for name, value in self.args.items()},
+                    constexprs={name: _check_json(name, value) for name, value in self.constexprs.items()},
+                    arch=self.arch, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CompileJob":
+        args = {name: _decode_arg(value) for name, value in data["args"].items()}
+        return cls(_load_kernel(data["kernel"]), args, data["constexprs"], data["arch"], data["num_warps"],
+                   data["num_stages"])
 
 
 def aot_supported(arch: int = 90) -> tuple[bool, str]:
@@ -85,33 +144,96 @@ def aot_supported(arch: int = 90) -> tuple[bool, str]:
 
 
 def compile_for_gpu(kernel, args: dict[str, Any], constexprs: dict[str, Any], *, arch: int = 90,
-                    num_warps: int = 4, num_stages: int = 2) -> CompiledKernelInfo:
+                    num_warps: int = 4, num_stages: int = 2, keep_cubin: bool = False) -> CompiledKernelInfo:
     """Compile `kernel` for NVIDIA compute capability `arch` without a GPU and report its needs.
 
     Args:
-        kernel: a ``@triton.jit`` kernel -- a ``JITFunction``, or the ``InterpretedFunction`` that
-            ``@triton.jit`` makes under TRITON_INTERPRET=1 (``triton.autotune`` / ``triton.heuristics``
-            wrappers are unwrapped).
+        kernel: a ``@triton.jit`` kernel (``triton.autotune`` / ``triton.heuristics`` wrappers are
+            unwrapped). Under TRITON_INTERPRET=1 it must be defined at module level (see the module notes).
         args: every non-constexpr parameter (unless it has a default) -> an example value: a
             ``torch.Tensor`` (a pointer to its dtype, e.g. ``*bf16``), an ``int`` (``i32``, or ``i64``
             when it does not fit) or a ``float`` (``fp32``), as at a launch.
         constexprs: every ``tl.constexpr`` parameter (unless it has a default) -> its value.
         arch: compute capability, e.g. 80 for A100, 90 for H100/H200.
         num_warps, num_stages: the launch options of the config being checked.
+        keep_cubin: also return the cubin (``info.cubin``), e.g. to disassemble it.
 
     Raises:
         ValueError: `args` / `constexprs` do not match the kernel's parameters.
         AOTCompileError: the compiler rejected the kernel (front end, MLIR passes or ptxas).
     """
+    job = CompileJob(kernel, args, constexprs, arch, num_warps, num_stages)
+    if not triton_compiles_here():
+        result = compile_jobs([job], keep_cubin=keep_cubin)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+    return _compile_here(job, keep_cubin)
+
+
+def compile_jobs(jobs: list[CompileJob], *, keep_cubin: bool = False, workers: int = 1,
+                 timeout: float | None = None) -> list[CompiledKernelInfo | AOTCompileError]:
+    """Compile every job; returns, in the jobs' order, each one's `CompiledKernelInfo` or the
+    `AOTCompileError` compiling it raised (one kernel that does not compile does not hide the others).
+
+    Compiles in this process when Triton here can compile, else in `workers` child processes without
+    TRITON_INTERPRET (each gets an equal share of the jobs; `timeout` in seconds applies to each child).
+
+    Raises:
+        ValueError, TypeError: a job's arguments do not match its kernel (checked before compiling any).
+        RuntimeError: a child process itself failed (crashed or timed out), as opposed to a compile error.
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    for job in jobs:
+        _specialize(_validation_function(job.kernel), job.args, job.constexprs)
+    if triton_compiles_here():
+        results = []
+        for job in jobs:
+            try:
+                results.append(_compile_here(job, keep_cubin))
+            except AOTCompileError as e:
+                results.append(e)
+        return results
+    payloads = [job.to_json() for job in jobs]
+    shares = [list(range(i, len(jobs), workers)) for i in range(min(workers, len(jobs)))]
+    answers = _run_children([[payloads[i] for i in share] for share in shares], keep_cubin, timeout)
+    results: list = [None] * len(jobs)
+    for share, answer in zip(shares, answers):
+        for i, item in zip(share, answer):
+            results[i] = CompiledKernelInfo.from_json(item) if "error" not in item else AOTCompileError(item["error"])
+    return results
+
+
+def triton_compiles_here() -> bool:
+    """Whether Triton in this process can compile: ``@triton.jit`` made ``JITFunction``s, which it does
+    unless TRITON_INTERPRET=1 was set when Triton was imported. Checked on Triton's own standard library,
+    which the kernels call."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    probe = getattr(tl.standard, "cdiv", None)
+    if probe is None:  # a Triton without it: fall back to the setting itself
+        return not triton.knobs.runtime.interpret
+    return isinstance(probe, JITFunction)
+
+
+# --- compiling in this process -------------------------------------------------------------------------
+
+
+def _compile_here(job: CompileJob, keep_cubin: bool) -> CompiledKernelInfo:
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
-    fn = _as_jit_function(kernel)
-    signature, constants, attrs = _specialize(fn, args, constexprs)
+    fn, _ = _python_function(job.kernel)
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"expected a @triton.jit kernel made without the interpreter, got {type(fn).__name__}")
+    signature, constants, attrs = _specialize(fn, job.args, job.constexprs)
     options = {
-        "num_warps": num_warps,
-        "num_stages": num_stages,
+        "num_warps": job.num_warps,
+        "num_stages": job.num_stages,
         # The default the JIT uses. Passing it explicitly keeps triton 3.9 from warning that
         # TRITON_DEFAULT_FP_FUSION is unset.
         "enable_fp_fusion": knobs.language.default_fp_fusion,
@@ -119,32 +241,29 @@ def compile_for_gpu(kernel, args: dict[str, Any], constexprs: dict[str, Any], *,
     ptxas_log = io.StringIO()
     try:
         # The knob scopes restore the knobs (and the environment variables behind them) afterwards.
-        with knobs.runtime.scope(), knobs.compilation.scope(), knobs.nvidia.scope(), \
-                _triton_as_compiled(fn):
+        with knobs.runtime.scope(), knobs.compilation.scope(), knobs.nvidia.scope():
             knobs.runtime.interpret = False  # tl.constexpr_function results stay constexpr
             knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
             knobs.nvidia.dump_ptxas_log = True  # Triton prints the `ptxas -v` log to stdout
             with contextlib.redirect_stdout(ptxas_log):
                 compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                                          target=GPUTarget("cuda", arch, 32), options=options)
+                                          target=GPUTarget("cuda", job.arch, 32), options=options)
     except Exception as e:
-        raise AOTCompileError(f"{fn.__name__} does not compile for sm_{arch} (num_warps={num_warps}, "
-                              f"num_stages={num_stages}, constexprs={constexprs}):\n{e}") from e
+        raise AOTCompileError(f"{fn.__name__} does not compile for sm_{job.arch} (num_warps={job.num_warps}, "
+                              f"num_stages={job.num_stages}, constexprs={job.constexprs}):\n{e}") from e
 
     registers, spills = _parse_ptxas_log(ptxas_log.getvalue(), compiled.metadata.name)
     return CompiledKernelInfo(
         name=compiled.metadata.name,
-        arch=arch,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        arch=job.arch,
+        num_warps=job.num_warps,
+        num_stages=job.num_stages,
         shared_bytes=compiled.metadata.shared,
         registers=registers,
         spills=spills,
         ptx_chars=len(compiled.asm["ptx"]),
+        cubin=compiled.asm["cubin"] if keep_cubin else b"",
     )
-
-
-# --- helpers -----------------------------------------------------------------------------------------
 
 
 def _ptxas(arch: int):
@@ -161,139 +280,27 @@ def _ptxas(arch: int):
     return get_ptxas()
 
 
-def _as_jit_function(kernel):
-    """`kernel` as a ``JITFunction``, whatever ``@triton.jit`` returned."""
-    from triton.runtime.jit import JITFunction
+def kernel_function(kernel):
+    """The Python function a ``@triton.jit`` kernel wraps (through autotune / heuristics wrappers)."""
+    return _python_function(kernel)[1]
 
-    interpreted = _interpreted_function_class()
-    while not isinstance(kernel, JITFunction) and not _is(kernel, interpreted) and hasattr(kernel, "fn"):
-        kernel = kernel.fn  # Autotuner / Heuristics wrappers
-    if isinstance(kernel, JITFunction):
-        return kernel
-    if _is(kernel, interpreted):
-        return _jit_twin(kernel)
+
+def _python_function(kernel):
+    """(the @triton.jit object, the Python function it wraps), through autotune/heuristics wrappers."""
+    obj = kernel
+    while hasattr(obj, "fn"):
+        if inspect.isfunction(obj.fn):
+            return obj, obj.fn
+        obj = obj.fn
     raise TypeError(f"expected a @triton.jit kernel, got {type(kernel).__name__}")
 
 
-def _interpreted_function_class():
-    """Triton's ``InterpretedFunction`` class, or None when the interpreter was never loaded (then none exist)."""
-    module = sys.modules.get("triton.runtime.interpreter")
-    return getattr(module, "InterpretedFunction", None)
-
-
-def _is(value, cls) -> bool:
-    # type(), not isinstance(): isinstance may read value.__class__, which some module globals turn into a
-    # deprecation warning.
-    return cls is not None and issubclass(type(value), cls)
-
-
-_JIT_TWINS = weakref.WeakKeyDictionary()  # InterpretedFunction -> the JITFunction @triton.jit would have made
-
-
-def _jit_twin(interpreted):
+def _validation_function(kernel):
+    """A ``JITFunction`` of `kernel`'s Python function, only to read its parameters (never compiled)."""
     from triton.runtime.jit import JITFunction
 
-    twin = _JIT_TWINS.get(interpreted)
-    if twin is None:
-        # The same Python function and the keyword arguments @triton.jit was given (do_not_specialize, ...).
-        twin = _JIT_TWINS[interpreted] = JITFunction(interpreted.fn, **getattr(interpreted, "kwargs", {}))
-    return twin
-
-
-@contextlib.contextmanager
-def _triton_as_compiled(kernel):
-    """Within: Triton as its compiler expects it, even when TRITON_INTERPRET=1 made it otherwise.
-
-    Under TRITON_INTERPRET=1, ``@triton.jit`` makes ``InterpretedFunction``s -- the kernel's helpers and
-    Triton's own standard library too (``tl.cdiv``, ``tl.sum``, ``tl.max``, ``x.sum()``, ...) -- and the
-    code generator only follows calls into ``JITFunction``s. Each is swapped for its ``JITFunction``
-    twin: in module globals (of every loaded module, covering ``helper(...)`` and ``module.helper(...)``),
-    in the tensor methods Triton adds from its standard library, and in closure cells.
-
-    Running an interpreted kernel can also leave ``triton.language.core``'s builtins (``tl.core.load``,
-    ``range``, ...) replaced by the interpreter's versions: a helper the interpreter calls patches the
-    modules its globals hold and never undoes it (seen in Triton 3.6 and 3.9). Those are put back too.
-    Everything is restored on exit.
-    """
-    interpreted = _interpreted_function_class()
-    if interpreted is None:  # the interpreter never ran, so there is nothing to swap
-        yield
-        return
-    import triton.language as tl
-
-    undo = []  # (restore, original), applied in reverse order
-
-    def swap(namespace, name: str, value) -> None:
-        """Set namespace.name (a module dict or a class) to value, remembering what was there."""
-        if isinstance(namespace, dict):
-            undo.append((lambda v, d=namespace, n=name: d.__setitem__(n, v), namespace[name]))
-            namespace[name] = value
-        else:
-            undo.append((lambda v, c=namespace, n=name: setattr(c, n, v), vars(namespace)[name]))
-            setattr(namespace, name, value)
-
-    try:
-        for module in list(sys.modules.values()):
-            namespace = getattr(module, "__dict__", None)
-            if isinstance(namespace, dict):
-                for name, value in list(namespace.items()):
-                    if _is(value, interpreted):
-                        swap(namespace, name, _jit_twin(value))
-        # Members such as tl.tensor.sum forward to the interpreted function through a wrapper closure;
-        # without the interpreter the member is the JITFunction itself.
-        for name, member in list(vars(tl.core.tensor).items()):
-            cells = getattr(member, "__closure__", None) or ()
-            target = next((c.cell_contents for c in cells if _is(c.cell_contents, interpreted)), None)
-            if target is not None:
-                swap(tl.core.tensor, name, _jit_twin(target))
-        # Helpers captured from an enclosing function (kernels defined inside a function).
-        pending, seen = [kernel], set()
-        while pending:
-            fn = pending.pop()
-            if id(fn) in seen:
-                continue
-            seen.add(id(fn))
-            for cell in getattr(getattr(fn, "fn", None), "__closure__", None) or ():
-                contents = cell.cell_contents
-                if _is(contents, interpreted):
-                    pending.append(contents)
-                    undo.append((lambda v, c=cell: setattr(c, "cell_contents", v), contents))
-                    cell.cell_contents = _jit_twin(contents)
-        # Interpreter patches left behind in the triton.language modules.
-        interpreter_file = sys.modules["triton.runtime.interpreter"].__file__
-        language_modules = (tl, tl.core, tl.math, tl.standard)
-        for module in language_modules:
-            for name, value in list(vars(module).items()):
-                if _interpreter_made(value, interpreter_file):
-                    original = _original_of(name, value, language_modules, interpreter_file)
-                    if original is not None:
-                        swap(vars(module), name, original)
-        yield
-    finally:
-        for restore, original in reversed(undo):
-            restore(original)
-
-
-def _interpreter_made(value, interpreter_file: str) -> bool:
-    """Whether `value` is one of the interpreter's stand-ins for a triton.language member."""
-    if value is print:  # the interpreter's tl.static_print
-        return True
-    code = getattr(getattr(value, "func", value), "__code__", None)  # functools.partial or function
-    return code is not None and code.co_filename == interpreter_file
-
-
-def _original_of(name: str, stand_in, modules, interpreter_file: str):
-    """The triton.language member the interpreter's `stand_in` replaced, or None if it cannot be found."""
-    # The interpreter wraps each builtin in `lambda *args, member=member, **kwargs: ...`.
-    member = (getattr(stand_in, "__kwdefaults__", None) or {}).get("member")
-    if member is not None:
-        return member
-    # Others (range, static_range, multiple_of, ...): the same member of a module it was restored in.
-    for module in modules:
-        candidate = vars(module).get(name)
-        if candidate is not None and not _interpreter_made(candidate, interpreter_file):
-            return candidate
-    return None
+    obj, fn = _python_function(kernel)
+    return obj if isinstance(obj, JITFunction) else JITFunction(fn, **getattr(obj, "kwargs", {}))
 
 
 def _specialize(fn, args: dict, constexprs: dict):
@@ -361,3 +368,113 @@ def _parse_ptxas_log(log: str, kernel_name: str) -> tuple[int | None, int | None
     registers = re.search(r"Used (\d+) registers", section)
     spills = re.search(r"(\d+) bytes spill stores", section)
     return (int(registers.group(1)) if registers else None, int(spills.group(1)) if spills else None)
+
+
+# --- compiling in child processes ----------------------------------------------------------------------
+
+
+def _encode_arg(name: str, value):
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).removeprefix("torch.")}  # only the dtype reaches the compiler
+    if isinstance(value, (bool, int, float)):
+        return value
+    raise TypeError(f"argument {name}: expected a torch.Tensor, int or float to compile in another process, "
+                    f"got {type(value).__name__}")
+
+
+def _decode_arg(value):
+    if isinstance(value, dict):
+        return torch.empty(0, dtype=getattr(torch, value["tensor"]), device="meta")
+    return value
+
+
+def _check_json(name: str, value):
+    if value is not None and not isinstance(value, (bool, int, float, str)):
+        raise TypeError(f"constexpr {name}: expected an int, float, bool, str or None to compile in another "
+                        f"process, got {type(value).__name__}")
+    return value
+
+
+def _load_kernel(ref: dict):
+    """The kernel object a `CompileJob.to_json` reference names, imported in this process."""
+    if ref["module"] == "__main__":  # a script's kernel: load the script's file under another name
+        spec = importlib.util.spec_from_file_location("_emim_aot_main", ref["file"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(ref["module"])
+    obj = module
+    for part in ref["qualname"].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _child_environment() -> dict:
+    """This process's environment without TRITON_INTERPRET, and its import path, so the child imports
+    the same modules (a test module's kernels, say) the same way."""
+    env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _run_children(shares: list[list[dict]], keep_cubin: bool, timeout: float | None) -> list[list[dict]]:
+    """Run one ``python -m emim_triton.aot`` per share of the jobs, all at once; their JSON answers."""
+    with tempfile.TemporaryDirectory(prefix="emim-aot-") as tmp:
+        children = []
+        for i, share in enumerate(shares):
+            jobs_path, out_path, err_path = (os.path.join(tmp, f"{i}.{ext}") for ext in ("jobs", "out", "err"))
+            with open(jobs_path, "w") as f:
+                json.dump(share, f)
+            command = [sys.executable, "-m", "emim_triton.aot", "--jobs", jobs_path, "--output", out_path]
+            with open(err_path, "w") as err:
+                process = subprocess.Popen(command + (["--cubin"] if keep_cubin else []), stdout=subprocess.DEVNULL,
+                                           stderr=err, env=_child_environment())
+            children.append((process, out_path, err_path))
+        answers = []
+        for process, out_path, err_path in children:
+            try:
+                status = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for other, _, _ in children:
+                    other.kill()
+                raise RuntimeError(f"the AOT compile child process took more than {timeout} s") from None
+            if status != 0:
+                with open(err_path) as f:
+                    stderr = f.read()[-4000:]
+                raise RuntimeError(f"the AOT compile child process failed (exit status {status}):\n{stderr}")
+            with open(out_path) as f:
+                answers.append(json.load(f))
+        return answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m emim_triton.aot --jobs IN.json --output OUT.json``: compile each job of IN (a JSON list
+    of `CompileJob.to_json()` objects) and write, in order, each result or {"error": its text}."""
+    parser = argparse.ArgumentParser(prog="python -m emim_triton.aot", description=main.__doc__)
+    parser.add_argument("--jobs", required=True, help="JSON file with the list of jobs ('-': standard input)")
+    parser.add_argument("--output", required=True, help="where to write the JSON results ('-': standard output)")
+    parser.add_argument("--cubin", action="store_true", help="include each cubin (base64) in the results")
+    args = parser.parse_args(argv)
+    if not triton_compiles_here():
+        parser.error(f"Triton was imported with {INTERPRET_ENV}=1 here; run without it")
+    with (contextlib.nullcontext(sys.stdin) if args.jobs == "-" else open(args.jobs)) as f:
+        jobs = json.load(f)
+    if not isinstance(jobs, list):
+        parser.error(f"--jobs: expected a JSON list of jobs, got {type(jobs).__name__}")
+    results = []
+    for payload in jobs:
+        try:
+            results.append(_compile_here(CompileJob.from_json(payload), args.cubin).to_json())
+        except (AOTCompileError, ValueError, TypeError) as e:
+            results.append({"error": f"{type(e).__name__}: {e}"})
+    text = json.dumps(results)
+    if args.output == "-":
+        print(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,12 +4,17 @@ The interpreter accepts code a GPU compiler rejects (a tl.dot under 16 wide, too
 ptxas failures), so this is CI's only look at the real compile. The launches compiled are the ones the
 op makes (`example_launches`, built on meta tensors), with the heuristic configurations it ships;
 shared memory, registers and spills of each land in the session summary (tests/conftest.py).
+
+Under TRITON_INTERPRET=1 (set by conftest without a GPU) `compile_jobs` compiles in child processes
+started without it (`python -m emim_triton.aot`), all the launches in one batch, shared by the tests.
 """
+
+import os
 
 import pytest
 import torch
 
-from emim_triton.aot import aot_supported, compile_for_gpu
+from emim_triton.aot import CompileJob, aot_supported, compile_jobs
 from emim_triton.checks import EMIMShape
 from emim_triton.configs import default_configs
 from emim_triton.triton_backend import example_launches
@@ -47,13 +52,30 @@ def _params():
                         yield pytest.param(launch, arch, id=f"{case}-{dtype_name}-{kernel_name}-sm{arch}")
 
 
-@pytest.mark.parametrize("launch, arch", list(_params()))
-def test_kernel_compiles_for_gpu(launch, arch):
-    supported, why = aot_supported(arch)
-    if not supported:
-        pytest.skip(why)
-    info = compile_for_gpu(launch.kernel, launch.args, launch.constexprs, arch=arch,
-                           num_warps=launch.num_warps, num_stages=launch.num_stages)
+PARAMS = list(_params())
+
+# Child processes compiling at once (when this process interprets): the compiles are independent.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """Test id -> its CompiledKernelInfo, or the AOTCompileError compiling it raised."""
+    for arch in sorted({p.values[1] for p in PARAMS}):
+        supported, why = aot_supported(arch)
+        if not supported:
+            pytest.skip(why)
+    results = compile_jobs([CompileJob.of_launch(*p.values) for p in PARAMS], workers=WORKERS)
+    return {p.id: result for p, result in zip(PARAMS, results)}
+
+
+@pytest.mark.parametrize("launch, arch", PARAMS)
+def test_kernel_compiles_for_gpu(compiled, request, launch, arch):
+    info = compiled[request.node.callspec.id]
+    if isinstance(info, Exception):
+        raise info
     AOT_REPORT.append((info, launch.constexprs))
     assert info.ptx_chars > 0
+    assert isinstance(info.registers, int) and 0 < info.registers <= 255, "ptxas's register count was not read"
+    assert isinstance(info.spills, int) and info.spills >= 0, "ptxas's spill count was not read"
     assert info.shared_bytes <= SHARED_MEMORY_LIMIT[arch], f"{info.name} needs {info.shared_bytes} B of shared memory"

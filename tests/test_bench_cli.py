@@ -282,3 +282,12 @@ def test_autotune_checks_the_tuning_cache_directory_before_tuning(capsys, tmp_pa
     assert status == 1
     assert f"the tuning cache directory {str(a_file / 'cache')!r} cannot be written" in err
     assert "set EMIM_TRITON_CACHE to a writable directory" in err
+
+
+def test_static_is_a_subcommand_and_checks_its_output_paths_first(tmp_path, capsys, monkeypatch):
+    from emim_triton.bench import static
+
+    monkeypatch.setattr(static, "run", lambda args: pytest.fail("compiled before checking the output path"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["static", "--json", str(tmp_path / "missing" / "static.json")])
+    assert exit_info.value.code == 2 and "--json" in capsys.readouterr().err

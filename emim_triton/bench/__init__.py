@@ -9,6 +9,10 @@
     timing.py     timing (do_bench / wall clock) with rotating inputs, peak memory
     roofline.py   ceilings (measured or datasheet) and the two floors
     report.py     table, JSON, CSV;  plots.py  the PNG;  progress.py  the progress bar
+    static.py     the static command: each kernel's GPU time modelled from its SASS, without a GPU
+    sass.py       SASS listings: instruction classes, tensor-core FLOPs, loops by their back-edges
+    trips.py      loop trip counts read from a kernel's source at a launch's arguments
+    gpus.py       the GPUs the static model knows (SMs, schedulers, clock, tensor rates, bandwidth)
 
 FLOP and byte counts come from emim_triton/cost_model.py.
 """

@@ -23,6 +23,7 @@ from ..cost_model import MODES
 from .backends import BACKENDS, DEFAULT_BACKENDS
 from .cases import BenchCase, cases_from_model, default_cases, parse_shape
 from ..output_paths import directory_problem, file_problem
+from . import static
 from .roofline import DATASHEETS, Ceilings, datasheet_ceilings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -90,7 +91,7 @@ def _add_case_options(p: argparse.ArgumentParser, dtype_default: str | None = "b
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emim-bench", description="Tune, benchmark and cost the fused EMIM kernels.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{roofline,autotune,compare}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{roofline,autotune,compare,static}")
 
     p = commands.add_parser("roofline", help="FLOP and byte counts and the two floors of a shape (no GPU needed)",
                             description="Print the cost model's FLOPs and bytes and the memory and compute "
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the results as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: a bar chart per case and the scaling curve")
+
+    p = commands.add_parser("static", help="each kernel's GPU time predicted from its SASS (no GPU needed)",
+                            description="Compile the op's kernels for a GPU on the CPU, count their SASS "
+                                        "instructions weighted by loop trip counts, and model each kernel's time "
+                                        "as the largest of the issue, tensor-core and memory floors.")
+    static.add_arguments(p)
     return parser
 
 
@@ -272,10 +279,17 @@ def _compare(args, parser) -> int:
     return 0
 
 
+def _static(args, parser) -> int:
+    check_output_files(parser, json=args.json)
+    if args.sass_dir is not None and (problem := directory_problem(args.sass_dir)):
+        parser.error(f"--sass-dir {args.sass_dir!r}: {problem}")
+    return static.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = {"roofline": _roofline, "autotune": _autotune, "compare": _compare}[args.command]
+    command = {"roofline": _roofline, "autotune": _autotune, "compare": _compare, "static": _static}[args.command]
     try:
         return command(args, parser)
     except CommandError as e:

@@ -86,7 +86,7 @@ train)
   step trainer-s16 90 $PY -m emim_triton.train --dataset random --model emim_uniformer_s16 --num-classes 174 \
     --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 10 --num-workers 4 --run-dir "$RESULTS/trainer-s16" \
     --no-progress --log-every 2
-  step motion-gpu 240 $PY -m emim_triton.train.compare --data /tmp/motion --out "$RESULTS/motion-gpu" \
+  step motion-gpu 240 $PY -m emim_triton.train.emim_vs_twin --data /tmp/motion --out "$RESULTS/motion-gpu" \
     -- --device cuda --attn-backend triton --num-workers 3
   ;;
 extra)

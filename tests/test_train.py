@@ -191,7 +191,7 @@ def test_main_job_compare_end_to_end(tmp_path):
     """The main job's script at a toy size: data written, both models trained through the trainer, the
     table, plot and motion measurement written. The motion share is exactly 0 until training has moved
     the EMIM blocks' zero-initialised motion output layer, so it must come out positive."""
-    from emim_triton.train import compare
+    from emim_triton.train import emim_vs_twin as compare
 
     out = tmp_path / "runs"
     compare.main(["--data", str(tmp_path / "motion"), "--out", str(out), "--train-clips", "8", "--val-clips", "4",

@@ -13,7 +13,7 @@
     distributed.py  torchrun / DDP set-up and collectives
     logger.py       progress bar, JSON-lines log, TensorBoard
     plots.py        loss / accuracy curves
-    compare.py      the main job: EMIM vs its no-EMIM twin on the generated motion dataset
+    emim_vs_twin.py the main job: EMIM vs its no-EMIM twin on the generated motion dataset
 """
 
 from .cli import main

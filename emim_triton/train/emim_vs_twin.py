@@ -1,6 +1,6 @@
 """The main job: EMIM vs its no-EMIM twin on the generated motion dataset, on a CPU, in about ten minutes.
 
-    python -m emim_triton.train.compare            (what scripts/demo.sh runs)
+    python -m emim_triton.train.emim_vs_twin            (what scripts/demo.sh runs)
 
 1. Generate the motion-sensitive dataset (`emim_triton.data.motion`: classes that differ only in how an
    object moves) as real WebM files with SSv2-style annotations, unless it is already on disk.

@@ -18,11 +18,12 @@ few hundred MB.
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 import torch.nn.functional as F
 
-from .checks import check_inputs
+from .checks import check_inputs, check_options
 
 # Upper bound on the elements of one chunk's gathered key (or value) windows: 2**24 float32 = 64 MB.
 _WINDOW_ELEMENTS_PER_CHUNK = 1 << 24
@@ -50,13 +51,18 @@ def gather_windows(frame: torch.Tensor, window: int, pad_value: float) -> torch.
 
     frame: (N, H, W, heads, D) -> (N, H, W, heads, K², D), where entry o = i*K + j of position (y, x)
     is frame[y + i - r, x + j - r], or pad_value in every channel outside the frame.
+
+    Built as K² shifted slices of the padded frame, not with ``Tensor.unfold``: unfold's backward is a
+    scatter-add, which Inductor (torch 2.13, CPU, more than one thread) compiles into a kernel that
+    writes out of bounds and aborts the process (docs/upstream/inductor_cpu_scatter_add_oob.py). The
+    backward of slicing is a sum of zero-padded gradients: no scatter, and tests/test_compile_cpu.py
+    checks the compiled result against eager.
     """
     r = window // 2
-    channels_first = frame.permute(0, 3, 4, 1, 2)  # (N, heads, D, H, W): pad and unfold act on H, W
-    padded = F.pad(channels_first, (r, r, r, r), mode="constant", value=pad_value)
-    windows = padded.unfold(3, window, 1).unfold(4, window, 1)  # (N, heads, D, H, W, K, K)
-    n, heads, d, h, w = channels_first.shape
-    return windows.permute(0, 3, 4, 1, 5, 6, 2).reshape(n, h, w, heads, window * window, d)
+    n, h, w, heads, d = frame.shape
+    padded = F.pad(frame, (0, 0, 0, 0, r, r, r, r), mode="constant", value=pad_value)  # pads W, then H
+    shifted = [padded[:, i:i + h, j:j + w] for i in range(window) for j in range(window)]  # o = i*K + j
+    return torch.stack(shifted, dim=4)
 
 
 def affinities(q, k_windows, rpb, scale):
@@ -96,6 +102,18 @@ def _emim_pairs(q, k, v, rpb, w1, b1, w2, b2, scale, pad_value):
     return context + motion_mlp(a, w1, b1, w2, b2)
 
 
+def _check_chunk_pairs(chunk_pairs) -> None:
+    """chunk_pairs must be None or a positive int: 0 or less would compute no chunk at all."""
+    if chunk_pairs is None:
+        return
+    if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, numbers.Integral):
+        raise TypeError(f"emim_reference: chunk_pairs must be None or a positive int (frame pairs per chunk), "
+                        f"got {type(chunk_pairs).__name__} {chunk_pairs!r}")
+    if chunk_pairs < 1:
+        raise ValueError(f"emim_reference: chunk_pairs must be None or a positive int (frame pairs per chunk), "
+                         f"got {chunk_pairs}")
+
+
 def emim_reference(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, chunk_pairs=None):
     """EMIM attention in plain PyTorch; differentiable in all eight tensors by ordinary autograd.
 
@@ -105,11 +123,14 @@ def emim_reference(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, 
         w1 (4K², K²), b1 (4K²), w2 (D, 4K²), b2 (D): the motion MLP, nn.Linear convention.
         scale: attention scale, default D ** -0.5.
         pad_value: value of k and v outside the frame (the authors' constant padding, 1e-6).
-        chunk_pairs: frame pairs per chunk; default keeps each chunk's windows under 64 MB.
+        chunk_pairs: frame pairs per chunk (None or a positive int); default keeps each chunk's windows
+            under 64 MB.
     Returns:
         (B, T, H, W, heads, D) contiguous, dtype of q.
     """
     shape = check_inputs(q, k, v, rpb, w1, b1, w2, b2)
+    check_options(scale, pad_value)
+    _check_chunk_pairs(chunk_pairs)
     B, T, H, W, heads, D = q.shape
     if scale is None:
         scale = D ** -0.5

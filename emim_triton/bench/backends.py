@@ -107,9 +107,10 @@ class _FlexWithFallback:
             return self.compiled(*args, block_mask=self.block_mask, kernel_options=self.kernel_options, **kwargs)
 
 
-# A child process runs torch.compile(emim_reference) forward + backward at a tiny size: with torch
-# 2.13.0+cpu the compiled backward of the windows gather (permute, pad, unfold, reshape) corrupts the
-# heap and aborts the process, which no try/except can catch. One probe per process, ~10-20 s.
+# A child process runs torch.compile(emim_reference) forward + backward at a tiny size, because a crash there
+# aborts the process, which no try/except can catch. With torch 2.13.0+cpu the reference's earlier windows
+# gather (unfold) did exactly that (an out-of-bounds Inductor scatter-add, docs/upstream/); the reference now
+# gathers from slices and the probe passes, but it stays as a guard. One probe per process, ~10-20 s.
 _PROBE = textwrap.dedent("""
     import torch
     from emim_triton import emim_reference

@@ -13,13 +13,16 @@
 #   bash bench/gpu_session.sh uniformer steps of EMIM-S16 and its twin at batch 8 with cudnn.benchmark on
 #                                       (models-s16.json), the profile of one EMIM-S16 step, and the
 #                                       trainer's own figure over 20 steps (issue 13: depthwise Conv3d layout)
+#   bash bench/gpu_session.sh variants  the causal and dilated op: GPU tests of the variants, compare
+#                                       --direction prev / --dilation 2 at S16 stage 3, and the per-frame
+#                                       streaming step's time and memory (bench/streaming.py)
 #
 # Logs and results go to $RESULTS (default bench/results/gpu-session), packed after every step into
 # $OUT/results.tgz when $OUT is set (the device tool brings back only a few files). Wheels of packages the
 # machine lacks (PyAV, a recent setuptools) are installed from .whl/ when that folder exists.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-stage=${1:?usage: gpu_session.sh check|measure|models|train|extra|reliability|uniformer}
+stage=${1:?usage: gpu_session.sh check|measure|models|train|extra|reliability|uniformer|variants}
 RESULTS=${RESULTS:-bench/results/gpu-session}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
@@ -105,6 +108,15 @@ uniformer)
   step trainer-s16-20 150 $PY -m emim_triton.train --dataset random --model emim_uniformer_s16 --num-classes 174 \
     --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 20 --num-workers 4 --run-dir "$RESULTS/trainer-s16-20" \
     --no-progress --log-every 2
+  ;;
+variants)
+  step tests-variants 200 $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_variants_kernels.py \
+    tests/test_variants_reference.py tests/test_streaming.py -rfEs
+  step compare-prev 120 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,reference \
+    --shape 32,16,14,14,5,64,7 --direction prev --json "$RESULTS/compare-prev.json"
+  step compare-dilated 120 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,reference \
+    --shape 2,16,64,64,8,64,7 --dilation 2 --json "$RESULTS/compare-dilated.json"
+  step streaming 120 $PY bench/streaming.py --json "$RESULTS/streaming.json"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

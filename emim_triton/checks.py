@@ -16,6 +16,12 @@ MIN_WINDOW, MAX_WINDOW = 3, 15
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels' q, k, v; float64 is reference-only
+# The window / head-dim rule as one fact for every place that decides it (the op's input check, the module's
+# constructor, the bench's --shape): membership tests, and the words for their error messages.
+SUPPORTED_WINDOWS = tuple(range(MIN_WINDOW, MAX_WINDOW + 1, 2))  # K odd: the window has a centre
+SUPPORTED_HEAD_DIMS = range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1)
+WINDOW_RULE = f"odd and in {MIN_WINDOW}..{MAX_WINDOW}"
+HEAD_DIM_RULE = f"in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
 
 
 @dataclass(frozen=True)
@@ -124,15 +130,14 @@ def check_inputs(q, k, v, rpb, w1, b1, w2, b2) -> EMIMShape:
             f"emim_attention: rpb must have shape (heads, K, K) = ({heads}, K, K), got {_describe(rpb)}"
         )
     K = rpb.shape[1]
-    if K % 2 == 0 or not (MIN_WINDOW <= K <= MAX_WINDOW):
+    if K not in SUPPORTED_WINDOWS:
         raise ValueError(
-            f"emim_attention: the window K (from rpb of shape {tuple(rpb.shape)}) must be odd and in "
-            f"{MIN_WINDOW}..{MAX_WINDOW}, got K = {K}"
+            f"emim_attention: the window K (from rpb of shape {tuple(rpb.shape)}) must be {WINDOW_RULE}, "
+            f"got K = {K}"
         )
-    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM):
+    if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
-            f"emim_attention: head_dim D (last axis of q) must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
-            f"got D = {D}"
+            f"emim_attention: head_dim D (last axis of q) must be {HEAD_DIM_RULE}, got D = {D}"
         )
 
     area, hidden = K * K, 4 * K * K
@@ -183,6 +188,36 @@ def check_options(scale, pad_value) -> None:
                         f"got {type(pad_value).__name__}")
     if not math.isfinite(pad_value):
         raise ValueError(f"emim_attention: pad_value must be finite, got {pad_value!r}")
+
+
+DIRECTIONS = ("next", "prev")  # SPEC "Variants beyond the paper": the paper's pairing, and the causal one
+AUTHORS_CONTEXT_CHANNELS = 32  # the only restriction SPEC defines: the authors' kernels' 32 channels per head
+
+
+def check_variant(direction, dilation, authors_context_channels) -> None:
+    """Validate the op's variant options, the same way for both backends (defaults: the paper's op).
+
+    direction: "next" (frame t attends to frame t+1, the paper) or "prev" (frame t attends to frame t-1:
+    causal). dilation: an int >= 1, the spacing of the window entries in tokens; a bool or a float such as
+    2.0 is refused rather than truncated. authors_context_channels: None (off) or 32, the authors' context
+    over channels 0..31 of each head (SPEC "Variant: the authors' 32-channel context").
+    """
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
+        raise ValueError(f"emim_attention: direction must be one of {DIRECTIONS} (\"next\": frame t attends to "
+                         f"frame t+1, the paper; \"prev\": to frame t-1, causal), got {direction!r}")
+    if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral):
+        raise TypeError(f"emim_attention: dilation must be an int >= 1, got {type(dilation).__name__} "
+                        f"{dilation!r}")
+    if dilation < 1:
+        raise ValueError(f"emim_attention: dilation must be an int >= 1 (1: adjacent window entries, the "
+                         f"paper), got {dilation!r}")
+    if authors_context_channels is not None and (
+            isinstance(authors_context_channels, bool)
+            or not isinstance(authors_context_channels, numbers.Integral)
+            or authors_context_channels != AUTHORS_CONTEXT_CHANNELS):
+        raise ValueError(f"emim_attention: authors_context_channels must be None (off) or "
+                         f"{AUTHORS_CONTEXT_CHANNELS} (the authors' kernels' context channels per head), "
+                         f"got {authors_context_channels!r}")
 
 
 def check_fused_inputs(q: torch.Tensor, interpreter: bool) -> None:

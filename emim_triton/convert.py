@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .checks import check_variant
 from .module import EMIM
 from .takeover import SEPARATE_BIASES, refuse_what_is_not_taken_over
 
@@ -130,7 +131,8 @@ class ConversionReport:
 
 def convert_to_emim(model: nn.Module, grid: Grid | Callable[[str], Grid] | None = None, every: int = 2,
                     window: int = 7, layers: Sequence[int | str] | None = None, backend: str = "auto",
-                    prefix_tokens: int | None = None, **emim_kwargs) -> ConversionReport:
+                    prefix_tokens: int | None = None, direction: str = "next", dilation: int = 1,
+                    authors_context_channels: int | None = None, **emim_kwargs) -> ConversionReport:
     """Replace attention layers of ``model`` in place by EMIM modules that take over their weights.
 
     Args:
@@ -148,6 +150,10 @@ def convert_to_emim(model: nn.Module, grid: Grid | Callable[[str], Grid] | None 
             "reference".
         prefix_tokens: tokens before the patch tokens (a class token: 1). Default: the model's
             ``num_prefix_tokens`` attribute (timm ViTs have one), else 0. They keep global attention.
+        direction: the converted layers' frame pairing: "next" (the paper) or "prev" (each converted layer
+            causal; see `EMIM`).
+        dilation: the converted layers' window dilation, an int >= 1.
+        authors_context_channels: None, or 32 for the authors' 32-channel context (see `EMIM`).
         **emim_kwargs: further `EMIM` arguments (e.g. ``pad_value``).
     Returns:
         a `ConversionReport`; ``print(report)`` lists each attention layer and what happened to it.
@@ -159,6 +165,11 @@ def convert_to_emim(model: nn.Module, grid: Grid | Callable[[str], Grid] | None 
     """
     if prefix_tokens is None:
         prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    try:  # checked once here, so a bad option is not reported as a failure to convert the first layer
+        check_variant(direction, dilation, authors_context_channels)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"convert_to_emim: {error}") from error
+    emim_kwargs.update(direction=direction, dilation=dilation, authors_context_channels=authors_context_channels)
     if _layout_of(model) is not None:
         raise ValueError(f"convert_to_emim: {type(model).__name__} is itself an attention layer; it replaces "
                          f"layers inside a model: wrap it (e.g. nn.Sequential(layer)), or use EMIM.from_attention")

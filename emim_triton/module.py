@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, MIN_WINDOW, check_options
+from .checks import (HEAD_DIM_RULE, SUPPORTED_HEAD_DIMS, SUPPORTED_WINDOWS, WINDOW_RULE, check_options,
+                     check_variant)
 from .functional import BACKENDS, emim_attention
 from .reference import quick_gelu
 from .takeover import combined_qkv_bias, refuse_what_is_not_taken_over
@@ -39,9 +40,10 @@ class QuickGELU(nn.Module):
 class EMIM(nn.Module):
     """EMIM attention over a video's tokens: local next-frame attention plus motion features.
 
-    Each query of frame t attends to the K x K window centred on its own position in frame t + 1; the raw
-    affinity row of that window (a cost volume) is also mapped by a small MLP into motion features that
-    are added to the attention output. See SPEC.md or README "The operation" for the exact definition.
+    Each query of frame t attends to the K x K window centred on its own position in frame t + 1 (frame
+    t - 1 with direction="prev"; entries ``dilation`` tokens apart); the raw affinity row of that window
+    (a cost volume) is also mapped by a small MLP into motion features that are added to the attention
+    output. See SPEC.md or README "The operation" for the exact definition.
 
     Args:
         dim: channels C of the tokens; split into ``num_heads`` heads of ``dim // num_heads`` channels,
@@ -61,6 +63,13 @@ class EMIM(nn.Module):
             class token, register tokens). Their queries keep global attention over all tokens, with the
             same projections, so a class token still gathers the whole clip; the patch tokens get EMIM
             (which reads only patch tokens: they no longer see the prefix tokens).
+        direction: "next" (frame t attends to frame t + 1, the paper) or "prev" (to frame t - 1: causal,
+            output frame t depends on frames <= t only; see `stream` for frame-by-frame use).
+        dilation: spacing of the window entries in tokens (int >= 1): the window spans (K - 1) * dilation + 1
+            tokens at the cost of K x K.
+        authors_context_channels: None, or 32 to reproduce the authors' CUDA kernels for their checkpoints
+            (context over channels 0..31 of each head only; see `emim_attention`). An attribute: it may be
+            switched after construction (`load_pretrained(..., authors_context_channels=32)` does).
 
     ``forward(x, frames)`` takes tokens (B, num_prefix_tokens + T*H*W, C), the patch tokens in (t, y, x)
     order, with ``frames=(T, H, W)``, or a (B, T, H, W, C) tensor (no prefix tokens), and returns the same
@@ -69,7 +78,8 @@ class EMIM(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window: int = 7, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 pad_value: float = 1e-6, backend: str = "auto", num_prefix_tokens: int = 0):
+                 pad_value: float = 1e-6, backend: str = "auto", num_prefix_tokens: int = 0,
+                 direction: str = "next", dilation: int = 1, authors_context_channels: int | None = None):
         super().__init__()
         # Refuse bad configurations here, when the model is built, rather than at its first forward.
         for name, value in (("dim", dim), ("num_heads", num_heads), ("window", window)):
@@ -78,17 +88,18 @@ class EMIM(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"EMIM: dim ({dim}) must be divisible by num_heads ({num_heads})")
         head_dim = dim // num_heads
-        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-            raise ValueError(f"EMIM: head_dim = dim // num_heads must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"EMIM: head_dim = dim // num_heads must be {HEAD_DIM_RULE}, "
                              f"got {dim} // {num_heads} = {head_dim}")
-        if window % 2 == 0 or not MIN_WINDOW <= window <= MAX_WINDOW:
-            raise ValueError(f"EMIM: window must be odd and in {MIN_WINDOW}..{MAX_WINDOW}, got {window}")
+        if window not in SUPPORTED_WINDOWS:
+            raise ValueError(f"EMIM: window must be {WINDOW_RULE}, got {window}")
         if attn_drop != 0:
             raise ValueError(f"EMIM: attn_drop must be 0 (EMIM has no attention dropout: the fused kernels "
                              f"never materialise the attention probabilities), got {attn_drop}")
         if backend not in BACKENDS:
             raise ValueError(f"EMIM: backend must be one of {BACKENDS}, got {backend!r}")
         check_options(qk_scale, pad_value)  # the op's own rules, checked now rather than at the first forward
+        check_variant(direction, dilation, authors_context_channels)
         if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"EMIM: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
 
@@ -97,6 +108,8 @@ class EMIM(nn.Module):
         self.pad_value = pad_value
         self.backend = backend
         self.num_prefix_tokens = num_prefix_tokens
+        self.direction, self.dilation = direction, int(dilation)
+        self.authors_context_channels = authors_context_channels
 
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -157,13 +170,36 @@ class EMIM(nn.Module):
         context = self._attention(q, k, v, w1, b1, torch.zeros_like(w2), torch.zeros_like(b2))
         return context, total - context
 
+    def stream(self) -> "EMIMStream":
+        """A stepper that runs this layer one frame at a time, for online video: ``y = stream(x_t)``.
+
+        Each call takes one frame, (B, H, W, C) or (B, H*W, C) tokens with ``frames=(H, W)``, and returns
+        an output frame in the same layout, equal to the frame of the whole-clip ``forward`` it stands for:
+        - direction "prev": frame t's output at once (it needs frames t - 1 and t only);
+        - direction "next": frame t - 1's output when frame t arrives (None for the first frame), and
+          ``stream.flush()`` returns the last frame's (a copy of the one before, as in the whole clip; a
+          one-frame stream's frame attends to itself).
+        The stream holds at most 3·B·H·W·C elements between calls: "prev" keeps the previous frame's k and
+        v (2·B·H·W·C); "next" keeps the pending frame's q and the last output returned (2·B·H·W·C), or
+        after the first frame only, that frame's q, k and v (3·B·H·W·C). It reads the layer's current
+        parameters at every call. Run it under ``torch.no_grad()`` (or inference mode) for online use:
+        with gradients on, the autograd graph of every frame so far stays alive.
+        Prefix tokens (a class token) attend to the whole clip, which a stream never has: refused.
+        """
+        if self.num_prefix_tokens:
+            raise ValueError(f"EMIM.stream: this layer has num_prefix_tokens = {self.num_prefix_tokens}; "
+                             f"prefix tokens attend to the whole clip, so they cannot be computed frame by "
+                             f"frame")
+        return EMIMStream(self)
+
     def _motion_mlp(self):
         hidden_layer, _, output_layer = self.motion_conv
         return hidden_layer.weight, hidden_layer.bias, output_layer.weight, output_layer.bias
 
     def _attention(self, q, k, v, w1, b1, w2, b2) -> torch.Tensor:
         return emim_attention(q, k, v, self.rpb, w1, b1, w2, b2, scale=self.scale, pad_value=self.pad_value,
-                              backend=self.backend)
+                              backend=self.backend, direction=self.direction, dilation=self.dilation,
+                              authors_context_channels=self.authors_context_channels)
 
     def _split_heads(self, qkv: torch.Tensor, layout: tuple[int, int, int, int]):
         """q, k, v as views of the qkv projection of a (B, T, H, W) video (one Linear for the three: no copies)."""
@@ -277,6 +313,105 @@ class EMIM(nn.Module):
         return {"rpb"}
 
     def extra_repr(self) -> str:
-        prefix = f", num_prefix_tokens={self.num_prefix_tokens}" if self.num_prefix_tokens else ""
+        extra = f", num_prefix_tokens={self.num_prefix_tokens}" if self.num_prefix_tokens else ""
+        # The variant options only when they differ from the paper's op, so a default layer reads as before.
+        if self.direction != "next":
+            extra += f", direction={self.direction!r}"
+        if self.dilation != 1:
+            extra += f", dilation={self.dilation}"
+        if self.authors_context_channels is not None:
+            extra += f", authors_context_channels={self.authors_context_channels}"
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}, "
-                f"scale={self.scale:.4g}, pad_value={self.pad_value:g}, backend={self.backend!r}{prefix}")
+                f"scale={self.scale:.4g}, pad_value={self.pad_value:g}, backend={self.backend!r}{extra}")
+
+
+class EMIMStream:
+    """One frame at a time through an `EMIM` layer; made by `EMIM.stream` (see there for the contract).
+
+    Each step is the op on a one-frame pair: the query frame with the key/value frame it pairs with under
+    the layer's direction (for T = 1 the op pairs a frame with the key frame it is given), so every output
+    frame is computed by the same op as in the whole clip and needs no state beyond one frame.
+    """
+
+    def __init__(self, emim: EMIM):
+        self.emim = emim
+        self.reset()
+
+    def __call__(self, x: torch.Tensor, frames: tuple[int, int] | None = None) -> torch.Tensor | None:
+        emim = self.emim
+        B, H, W = self._layout(x, frames)
+        q, k, v = emim._split_heads(emim.qkv(x), (B, 1, H, W))
+        self.frames_seen += 1
+        if emim.direction == "prev":
+            # Frame 0 attends to itself; frame t to frame t - 1. Copies of k and v, so the frame's whole
+            # qkv projection (q included) is not kept alive between calls.
+            key, value = (k, v) if self._held_kv is None else self._held_kv
+            self._held_kv = (k.contiguous(), v.contiguous())
+            return self._output(q, key, value)
+        if self._pending is None:  # "next", first frame: nothing to pair it with yet
+            self._pending = (q, k, v)
+            return None
+        pending_q = self._pending[0]
+        self._pending = (q.contiguous(),)
+        self._last = self._output(pending_q, k, v)
+        return self._last
+
+    def flush(self) -> torch.Tensor | None:
+        """The last frame's output with direction "next" (None when no frame came, or with "prev", whose
+        outputs all came at once). It ends the stream: the state is cleared, the next call starts anew."""
+        if self.emim.direction == "prev" or self._pending is None:
+            out = None
+        elif self._last is not None:  # output frame T-1 is an exact copy of output frame T-2
+            out = self._last.clone()
+        else:  # a one-frame stream: the frame attends to itself
+            out = self._output(*self._pending)
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        """Forget every frame: the next call is the first frame of a new stream."""
+        self.frames_seen = 0
+        self._size = None        # (B, H, W) of the first frame; later frames must match
+        self._held_kv = None     # "prev": k, v of the previous frame
+        self._pending = None     # "next": q (and, after the first frame only, k and v) of the newest frame
+        self._last = None        # "next": the last output returned, which is also the last frame's output
+        self._flat = False       # the layout of the latest frame: outputs are returned in it
+
+    def _output(self, q, k, v) -> torch.Tensor:
+        emim = self.emim
+        out = emim._attention(q, k, v, *emim._motion_mlp())  # (B, 1, H, W, heads, D), contiguous
+        B, _, H, W = out.shape[:4]
+        out = emim.proj_drop(emim.proj(out.view(B, H * W, emim.dim)))
+        return out if self._flat else out.view(B, H, W, emim.dim)
+
+    def _layout(self, x: torch.Tensor, frames) -> tuple[int, int, int]:
+        """(B, H, W) of one frame, after checking it against the layer and the stream's earlier frames."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"EMIM stream: a frame must be a tensor, got {type(x).__name__}")
+        if x.dim() == 4:
+            B, H, W, C = x.shape
+            if frames is not None and tuple(frames) != (H, W):
+                raise ValueError(f"EMIM stream: frames={tuple(frames)} does not match the frame of shape "
+                                 f"{tuple(x.shape)} (B, H, W, C); leave frames out for 4-D input")
+        elif x.dim() == 3:
+            B, N, C = x.shape
+            if not isinstance(frames, (tuple, list)) or len(frames) != 2 or not all(map(_is_positive_int, frames)):
+                raise ValueError(f"EMIM stream: a frame of shape {tuple(x.shape)} is (B, H*W, C) tokens; pass "
+                                 f"frames=(H, W), two positive ints, got frames={frames!r}")
+            H, W = (int(f) for f in frames)
+            if H * W != N:
+                raise ValueError(f"EMIM stream: frames=(H, W)={(H, W)} gives {H * W} tokens, but the frame of "
+                                 f"shape {tuple(x.shape)} has {N}")
+        else:
+            raise ValueError(f"EMIM stream: a frame must be (B, H, W, C), or (B, H*W, C) tokens with "
+                             f"frames=(H, W); got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        if C != self.emim.dim:
+            raise ValueError(f"EMIM stream: the frame has {C} channels in its last axis, expected dim = "
+                             f"{self.emim.dim}")
+        if self._size is None:
+            self._size = (B, H, W)
+        elif self._size != (B, H, W):
+            raise ValueError(f"EMIM stream: every frame of a stream must have one (B, H, W); the first had "
+                             f"{self._size}, this one has {(B, H, W)} (call reset() or flush() to start anew)")
+        self._flat = x.dim() == 3
+        return B, H, W

@@ -1,7 +1,8 @@
 """The motion an EMIM layer sees: motion fields read off its attention.
 
-In an EMIM layer, each query's softmax over its K x K window in the next frame is a distribution over
-displacements (dy, dx) = (i - r, j - r) to that frame. Read as such it gives, per token, head and frame pair:
+In an EMIM layer, each query's softmax over its K x K window in the next frame (the previous one for
+direction "prev") is a distribution over displacements (dy, dx) = ((i - r) d, (j - r) d) to that frame
+(d = the layer's dilation). Read as such it gives, per token, head and frame pair:
 
     expected displacement  sum_o p[o] * (dy_o, dx_o)      a flow vector, in tokens
     peak displacement      the (dy, dx) of the largest p  the most likely displacement
@@ -30,7 +31,8 @@ from .reference import affinities, autocast_disabled, frame_pairs, gather_window
 
 @dataclass
 class MotionField:
-    """The motion one EMIM layer sees, for each frame pair (t -> t + 1), P = max(T - 1, 1) pairs.
+    """The motion one EMIM layer sees, for each frame pair it computes: t -> t + 1 for P = max(T - 1, 1)
+    pairs (direction "next"), or t -> t - 1 for P = T pairs (direction "prev"; frame 0 -> 0).
 
     Displacements are (dy, dx) in tokens of the layer's grid (y down, x right); multiply by the layer's
     stride in pixels to get pixels. The head-averaged entries describe the heads' mixture (the mean of
@@ -46,12 +48,14 @@ class MotionField:
     confidence: torch.Tensor            # (B, P, H, W, heads)
     mean_displacement: torch.Tensor     # (B, P, H, W, 2) of the heads' mixture
     mean_confidence: torch.Tensor       # (B, P, H, W) of the heads' mixture
+    direction: str = "next"             # the layer's pairing: pair n is frame n -> n + 1, or n -> n - 1 ("prev")
+    dilation: int = 1                   # the layer's window dilation (displacements are in tokens already)
 
 
-def window_displacements(window: int, device=None) -> torch.Tensor:
-    """(K², 2): the displacement (dy, dx) = (i - r, j - r) that window entry o = i*K + j stands for."""
+def window_displacements(window: int, device=None, dilation: int = 1) -> torch.Tensor:
+    """(K², 2): the displacement (dy, dx) = ((i - r) d, (j - r) d) that window entry o = i*K + j stands for."""
     r = window // 2
-    offsets = torch.arange(window, device=device, dtype=torch.float32) - r
+    offsets = (torch.arange(window, device=device, dtype=torch.float32) - r) * dilation
     dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
     return torch.stack([dy.reshape(-1), dx.reshape(-1)], dim=-1)
 
@@ -66,14 +70,13 @@ def field_from_qk(q: torch.Tensor, k: torch.Tensor, emim: EMIM, name: str = "") 
     """The motion field of one EMIM layer from its q and k, (B, T, H, W, heads, D) each."""
     B, T, H, W, heads, D = q.shape
     K = emim.window
-    q_frames, k_frames = frame_pairs(T)
-    offsets = window_displacements(K, device=q.device)
+    offsets = window_displacements(K, device=q.device, dilation=emim.dilation)
     rpb = emim.rpb.detach().float()
     probs = []
     with torch.no_grad(), autocast_disabled(q.device):
         # One frame pair at a time: the gathered key windows of a whole clip can be large (K² x keys).
-        for tq, tk in zip(range(T)[q_frames], range(T)[k_frames]):
-            k_windows = gather_windows(k[:, tk].float(), K, emim.pad_value)
+        for tq, tk in zip(*frame_pairs(T, emim.direction)):
+            k_windows = gather_windows(k[:, tk].float(), K, emim.pad_value, emim.dilation)
             a = affinities(q[:, tq].float(), k_windows, rpb, emim.scale)
             probs.append(torch.softmax(a, dim=-1))
         p = torch.stack(probs, dim=1)                              # (B, P, H, W, heads, K²)
@@ -85,6 +88,7 @@ def field_from_qk(q: torch.Tensor, k: torch.Tensor, emim: EMIM, name: str = "") 
             confidence=_confidence(p),
             mean_displacement=mixture @ offsets,
             mean_confidence=_confidence(mixture),
+            direction=emim.direction, dilation=emim.dilation,
         )
 
 

@@ -22,16 +22,18 @@ from .motion_field import record_motion
 # emim-viz: decode a clip, run a registered model, write pictures
 # ----------------------------------------------------------------------------------------------------
 
-def load_model(name: str, checkpoint: str | None = None, device: str = "cpu", backend: str = "auto") -> nn.Module:
+def load_model(name: str, checkpoint: str | None = None, device: str = "cpu", backend: str = "auto",
+               **emim_options) -> nn.Module:
     """A registered model, with the weights of a checkpoint if given (a plain state dict, or a dict with a
     ``model`` entry as the trainer writes; read with ``torch.load(weights_only=True)``). The class count
-    is read off the checkpoint's head, so a model trained on any number of classes loads as it was."""
+    is read off the checkpoint's head, so a model trained on any number of classes loads as it was.
+    ``emim_options`` (``direction``, ``dilation``) configure the model's EMIM layers."""
     from .models import create_model
     from .models.checkpoint import read_state_dict
 
     state = read_state_dict(checkpoint) if checkpoint else None
     num_classes = state["head.weight"].shape[0] if state is not None and "head.weight" in state else None
-    model = create_model(name, num_classes=num_classes, attn_backend=backend)
+    model = create_model(name, num_classes=num_classes, attn_backend=backend, **emim_options)
     if state is not None:
         try:
             model.load_state_dict(state, strict=True)
@@ -127,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                         help="the EMIM op's backend for the model's forward (the fields use the reference)")
+    parser.add_argument("--direction", default="next", choices=("next", "prev"),
+                        help="the EMIM layers' frame pairing: next (the paper: frame t -> t+1) or prev "
+                             "(causal: frame t -> t-1)")
+    parser.add_argument("--dilation", type=_int_at_least(1), default=1,
+                        help="the EMIM layers' window dilation: entries DILATION tokens apart, so the window "
+                             "reaches (K-1)/2 * DILATION tokens (default 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="initialises the weights a checkpoint does not give (all of them without one)")
     # Below 16 pixels the legend disc and the arrows have no room; above 1024 a sheet of many frames
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     try:
-        model = load_model(args.model, args.checkpoint, args.device, args.backend)
+        model = load_model(args.model, args.checkpoint, args.device, args.backend, direction=args.direction,
+                           dilation=args.dilation)
         cfg = model.default_cfg
         if not any(isinstance(m, EMIM) for m in model.modules()):  # fail before decoding: nothing to show
             from .models import list_models

@@ -1,7 +1,8 @@
 """EMIM backward, query side: dq, and the affinities a and their gradient dA for the other two kernels.
 
 One program per BLOCK_H x BLOCK_W tile of query positions of one (batch, frame pair, head). With the
-upstream gradient g (already folded: output frame T-1 added to T-2) and the saved log-sum-exp:
+upstream gradient g of the pair (direction "next": output frame T-1 already added to T-2) and the saved
+log-sum-exp:
 
     a[:, o]  = scale * <q, k_o> + rpb[o]              (recomputed)
     p        = exp(a - lse)                          (the forward's softmax)
@@ -12,14 +13,19 @@ upstream gradient g (already folded: output frame T-1 added to T-2) and the save
 
 a and dA are written as float32 rows (B, pairs, H, W, heads, K²): the key/value kernel needs dA to gather
 dk, the weights kernel needs a to rebuild the hidden layer. Padded window columns are kept at 0 so they
-never leak into tl.dot's.
+never leak into tl.dot's. Frame pairs and dilated windows as in the forward kernel.
+
+With the authors' 32-channel context (context_channels < D) the forward's context is zero in channels
+>= context_channels, so only g's channels below it enter dp; the motion path sees all of g. dq is then zeroed
+in channels >= context_channels, as the authors' kernels left it (SPEC: deliberately not the gradient of
+that forward); everything else is the ordinary gradient.
 """
 
 import triton
 import triton.language as tl
 
-from .common import (frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed, load_w2_columns,
-                     mlp_dot, quick_gelu_grad, tile_positions)
+from .common import (context_channel_mask, frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed,
+                     load_w2_columns, mlp_dot, quick_gelu_grad, tile_positions, window_displacement)
 
 
 @triton.jit
@@ -29,7 +35,7 @@ def emim_backward_query_kernel(
     stride_qb, stride_qt, stride_qy, stride_qx, stride_qn,
     stride_kb, stride_kt, stride_ky, stride_kx, stride_kn,
     stride_vb, stride_vt, stride_vy, stride_vx, stride_vn,
-    T, H, W, HEADS, D, num_pairs, key_frame_offset,
+    T, H, W, HEADS, D, num_pairs, key_frame_offset, dilation, context_channels,
     scale, pad_value,
     WINDOW: tl.constexpr, WINDOW_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HIDDEN_CHUNK: tl.constexpr,
@@ -37,13 +43,13 @@ def emim_backward_query_kernel(
 ):
     WINDOW_AREA: tl.constexpr = WINDOW * WINDOW
     HIDDEN: tl.constexpr = 4 * WINDOW_AREA
-    RADIUS: tl.constexpr = WINDOW // 2
 
     pid_tile, head, pid_pair = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, tq, tk = frame_pair(pid_pair, num_pairs, key_frame_offset)
 
     y, x = tile_positions(pid_tile, W, BLOCK_H, BLOCK_W)
     channels = tl.arange(0, BLOCK_D)
+    has_context = context_channel_mask(channels, context_channels)
     window_cols = tl.arange(0, WINDOW_PAD)
     window_valid = window_cols < WINDOW_AREA
 
@@ -58,17 +64,17 @@ def emim_backward_query_kernel(
     qrows, query_valid = load_rows(q_frame, y, x, H, W, stride_qy, stride_qx, channels, D)
     grows, _ = load_rows(grad_frame, y, x, H, W, W * HEADS * D, HEADS * D, channels, D)
     lse = tl.load(lse_ptr + pair_index * (H * W * HEADS) + position, mask=query_valid, other=0.0)
+    context_grows = tl.where(has_context[None, :], grows, 0.0)  # the upstream gradient of the context
 
     # Recompute the affinity rows and dp = <g, v_o> column by column.
     affinity = tl.zeros((BLOCK_H * BLOCK_W, WINDOW_PAD), dtype=tl.float32)
     d_prob = tl.zeros((BLOCK_H * BLOCK_W, WINDOW_PAD), dtype=tl.float32)
     for o in range(WINDOW_AREA):
-        ky = y + (o // WINDOW - RADIUS)
-        kx = x + (o % WINDOW - RADIUS)
-        krows = load_padded_rows(k_frame, ky, kx, H, W, stride_ky, stride_kx, channels, D, pad_value)
-        vrows = load_padded_rows(v_frame, ky, kx, H, W, stride_vy, stride_vx, channels, D, pad_value)
+        dy, dx = window_displacement(o, WINDOW, dilation)
+        krows = load_padded_rows(k_frame, y + dy, x + dx, H, W, stride_ky, stride_kx, channels, D, pad_value)
+        vrows = load_padded_rows(v_frame, y + dy, x + dx, H, W, stride_vy, stride_vx, channels, D, pad_value)
         a = tl.sum(qrows * krows, axis=1) * scale + tl.load(rpb_ptr + head * WINDOW_AREA + o).to(tl.float32)
-        dp = tl.sum(grows * vrows, axis=1)
+        dp = tl.sum(context_grows * vrows, axis=1)
         is_col = window_cols[None, :] == o
         affinity = tl.where(is_col, a[:, None], affinity)
         d_prob = tl.where(is_col, dp[:, None], d_prob)
@@ -95,12 +101,11 @@ def emim_backward_query_kernel(
     # dq = scale * sum_o dA[:, o] k_o: a second pass over the window (k is re-read from cache).
     dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), dtype=tl.float32)
     for o in range(WINDOW_AREA):
-        ky = y + (o // WINDOW - RADIUS)
-        kx = x + (o % WINDOW - RADIUS)
-        krows = load_padded_rows(k_frame, ky, kx, H, W, stride_ky, stride_kx, channels, D, pad_value)
+        dy, dx = window_displacement(o, WINDOW, dilation)
+        krows = load_padded_rows(k_frame, y + dy, x + dx, H, W, stride_ky, stride_kx, channels, D, pad_value)
         da = tl.sum(tl.where(window_cols[None, :] == o, d_affinity, 0.0), axis=1)
         dq += da[:, None] * krows
-    dq = dq * scale
+    dq = tl.where(has_context[None, :], dq * scale, 0.0)
 
     # dq is contiguous (B, T, H, W, heads, D).
     dq_ptrs = dq_ptr + (b.to(tl.int64) * T + tq) * (H * W * HEADS * D) + position[:, None] * D + channels[None, :]

@@ -8,11 +8,26 @@ import triton.language as tl
 def frame_pair(pid_pair, num_pairs, key_frame_offset):
     """(batch, query frame, key frame) of program axis 2, which enumerates batch x frame pairs.
 
-    The key frame is the next one (key_frame_offset = 1), or the query frame itself when T = 1 (0).
+    The key frame is the next one (key_frame_offset = 1, direction "next": pairs are query frames 0..T-2),
+    the previous one (-1, direction "prev": pairs are all T query frames, and frame 0, which has no
+    predecessor, attends to itself), or the query frame itself when T = 1 (0).
     """
     b = pid_pair // num_pairs
     tq = pid_pair % num_pairs
-    return b, tq, tq + key_frame_offset
+    return b, tq, tl.maximum(tq + key_frame_offset, 0)
+
+
+@triton.jit
+def window_displacement(o, WINDOW: tl.constexpr, dilation):
+    """(dy, dx) of window entry o = i*K + j: ((i - r) * dilation, (j - r) * dilation), r = K // 2."""
+    return (o // WINDOW - WINDOW // 2) * dilation, (o % WINDOW - WINDOW // 2) * dilation
+
+
+@triton.jit
+def context_channel_mask(channels, context_channels):
+    """The channels that carry the softmax context: all D of them (context_channels = D, the definition),
+    or only the first 32 (the authors' kernels; channels >= 32 then carry motion only)."""
+    return channels < context_channels
 
 
 @triton.jit

@@ -2,22 +2,28 @@
 
 One program computes a BLOCK_H x BLOCK_W tile of query positions of one (batch, frame pair, head):
 
-    a[:, o]  = scale * <q, k_o> + rpb[head, o]          o = i*K + j over the K x K window in frame tq+1
+    a[:, o]  = scale * <q, k_o> + rpb[head, o]          o = i*K + j over the K x K window in frame tk
     context  = sum_o softmax(a)[:, o] * v_o             (online softmax over the window, float32)
     motion   = QuickGELU(a @ W1^T + b1) @ W2^T + b2     (two tl.dot's per hidden chunk)
     out      = context + motion
 
 Keys and values outside the frame are `pad_value` in every channel (not masked). Only `out` (and, when
 a backward will follow, the float32 log-sum-exp of each softmax row) is written to global memory: the
-K²-wide affinities and the 4K²-wide hidden layer live in registers. The last output frame is a copy of
-the one before it, so T-1 frame pairs are computed and the last pair is written twice.
+K²-wide affinities and the 4K²-wide hidden layer live in registers.
+
+Variants (SPEC "Variants beyond the paper"; the defaults are the paper's op): with direction "next" the key
+frame is tk = tq + 1, the last output frame is a copy of the one before it, so T-1 frame pairs are computed
+and the last pair is written twice; with "prev" tk = tq - 1 (frame 0: itself) and all T pairs are computed.
+Window entry (i, j) is displacement ((i - r) d, (j - r) d) for dilation d. With context_channels < D (the
+authors' 32-channel context) the context is zero in channels >= context_channels; the affinities still use
+all D channels.
 """
 
 import triton
 import triton.language as tl
 
-from .common import (frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed, load_w2_columns,
-                     mlp_dot, quick_gelu, tile_positions)
+from .common import (context_channel_mask, frame_pair, head_of_frame, load_padded_rows, load_rows, load_w1_transposed,
+                     load_w2_columns, mlp_dot, quick_gelu, tile_positions, window_displacement)
 
 
 @triton.jit
@@ -26,7 +32,7 @@ def emim_forward_kernel(
     stride_qb, stride_qt, stride_qy, stride_qx, stride_qn,
     stride_kb, stride_kt, stride_ky, stride_kx, stride_kn,
     stride_vb, stride_vt, stride_vy, stride_vx, stride_vn,
-    T, H, W, HEADS, D, num_pairs, key_frame_offset,
+    T, H, W, HEADS, D, num_pairs, key_frame_offset, dilation, context_channels,
     scale, pad_value,
     WINDOW: tl.constexpr,          # K
     WINDOW_PAD: tl.constexpr,      # K² padded to a power of two >= 16
@@ -37,7 +43,6 @@ def emim_forward_kernel(
 ):
     WINDOW_AREA: tl.constexpr = WINDOW * WINDOW
     HIDDEN: tl.constexpr = 4 * WINDOW_AREA
-    RADIUS: tl.constexpr = WINDOW // 2
 
     pid_tile, head, pid_pair = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, tq, tk = frame_pair(pid_pair, num_pairs, key_frame_offset)
@@ -58,10 +63,9 @@ def emim_forward_kernel(
     row_sum = tl.zeros((BLOCK_H * BLOCK_W,), dtype=tl.float32)
     context = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), dtype=tl.float32)
     for o in range(WINDOW_AREA):
-        ky = y + (o // WINDOW - RADIUS)
-        kx = x + (o % WINDOW - RADIUS)
-        krows = load_padded_rows(k_frame, ky, kx, H, W, stride_ky, stride_kx, channels, D, pad_value)
-        vrows = load_padded_rows(v_frame, ky, kx, H, W, stride_vy, stride_vx, channels, D, pad_value)
+        dy, dx = window_displacement(o, WINDOW, dilation)
+        krows = load_padded_rows(k_frame, y + dy, x + dx, H, W, stride_ky, stride_kx, channels, D, pad_value)
+        vrows = load_padded_rows(v_frame, y + dy, x + dx, H, W, stride_vy, stride_vx, channels, D, pad_value)
         a = tl.sum(qrows * krows, axis=1) * scale + tl.load(rpb_ptr + head * WINDOW_AREA + o).to(tl.float32)
         affinity = tl.where(window_cols[None, :] == o, a[:, None], affinity)
 
@@ -71,7 +75,7 @@ def emim_forward_kernel(
         row_sum = row_sum * rescale + p
         context = context * rescale[:, None] + p[:, None] * vrows
         row_max = new_max
-    context = context / row_sum[:, None]
+    context = tl.where(context_channel_mask(channels, context_channels)[None, :], context / row_sum[:, None], 0.0)
 
     # Motion MLP on the raw affinities, chunked over the 4K² hidden units to bound registers.
     motion = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), dtype=tl.float32)
@@ -92,7 +96,9 @@ def emim_forward_kernel(
     out_frame = out_ptr + (b.to(tl.int64) * T + tq) * frame_elems
     out_ptrs = out_frame + position[:, None] * D + channels[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    if tq == T - 2:  # output frame T-1 repeats frame T-2 (never true when T = 1)
+    # Direction "next" computes T-1 pairs and output frame T-1 repeats frame T-2 (never when T = 1);
+    # "prev" computes all T frames (num_pairs == T) and copies nothing.
+    if (tq == T - 2) & (num_pairs < T):
         tl.store(out_ptrs + frame_elems, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     if STORE_LSE:  # lse is contiguous (B, pairs, H, W, heads)

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from emim_triton import EMIM
+from emim_triton.checks import check_variant
+
 # Wrappers under which training frameworks store the weights (timm / DeiT: "model"; PySlowFast:
 # "model_state"; Lightning and many others: "state_dict"), tried in this order.
 _WRAPPER_KEYS = ("model", "model_state", "state_dict")
@@ -103,7 +106,7 @@ def inflate(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
 
 
 def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *, strict: bool = False,
-                    verbose: bool = True) -> LoadReport:
+                    verbose: bool = True, authors_context_channels: int | None = None) -> LoadReport:
     """Load a checkpoint into `model`, inflating 2D weights and dropping a mismatched head.
 
     Args:
@@ -112,12 +115,21 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *
         strict: also refuse skipped tensors (other than the head), missing keys (other than the EMIM-only
             motion MLP and rpb) and unexpected keys — for "this must be exactly my architecture".
         verbose: print the report.
+        authors_context_channels: 32 switches every EMIM layer of the model to the authors' 32-channel
+            context (SPEC "A quirk of the authors' CUDA kernels"): for checkpoints trained with the EMIM
+            authors' code, whose outputs it then reproduces. None leaves the layers as they were built.
     Returns:
         a `LoadReport`.
     Raises:
         ValueError when the file holds no state dict, when no tensor of it fits the model (wrong model or
         wrong file), or, with strict=True, when anything beyond the head and the new EMIM layers differs.
     """
+    if authors_context_channels is not None:  # checked before anything is loaded
+        check_variant("next", 1, authors_context_channels)
+        emim_layers = [m for m in model.modules() if isinstance(m, EMIM)]
+        if not emim_layers:
+            raise ValueError(f"load_pretrained: authors_context_channels={authors_context_channels} configures "
+                             f"EMIM layers, but this {type(model).__name__} has none")
     source = "checkpoint" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     if isinstance(checkpoint, Mapping):
         state = unwrap_state_dict(checkpoint, source)
@@ -164,6 +176,9 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *
                              + "\n  ".join(problems[:20]) + more)
 
     model.load_state_dict(fitting, strict=False)
+    if authors_context_channels is not None:
+        for layer in emim_layers:
+            layer.authors_context_channels = authors_context_channels
     if verbose:
         print(f"load_pretrained({source}): {report}")
     return report

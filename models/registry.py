@@ -99,7 +99,9 @@ def create_model(name: str, num_classes: int | None = None, pretrained: str | os
         pretrained: None, or the path of a checkpoint to load with `load_pretrained` (plain or wrapped
             state dict; 2D ImageNet weights are inflated; a head of another class count is dropped).
         **overrides: constructor arguments (``drop_path_rate``, ``emim_placement``, ``window``,
-            ``temporal_stride``, ``attn_backend``, ``grad_checkpointing``, ...), and input defaults
+            ``temporal_stride``, ``attn_backend``, ``grad_checkpointing``, the EMIM layers'
+            ``direction``, ``dilation`` and ``authors_context_channels`` (32 for the EMIM authors'
+            checkpoints), ...), and input defaults
             (``num_frames``, ``img_size``, ``mean``, ``std``) which only change ``model.default_cfg``.
     Returns:
         the model, with ``model.default_cfg`` describing its expected input.

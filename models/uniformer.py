@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from emim_triton import EMIM
+from emim_triton.checks import check_variant
 
 from .registry import register_model
 
 EMIM_PLACEMENTS = ("lg", "all", "none")
+_EMIM_DEFAULTS = dict(direction="next", dilation=1, authors_context_channels=None)  # the paper's op
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,13 +176,13 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, use_emim: bool, window: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 attn_backend: str = "auto"):
+                 attn_backend: str = "auto", emim_options: dict | None = None):
         super().__init__()
         self.pos_embed = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if use_emim:  # EMIM has no attention dropout (the fused kernels never hold the probabilities)
             self.attn = EMIM(dim, num_heads, window=window, qkv_bias=qkv_bias, proj_drop=drop,
-                             backend=attn_backend)
+                             backend=attn_backend, **(emim_options or {}))
         else:
             self.attn = GlobalAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path)
@@ -237,6 +239,11 @@ class UniFormer(nn.Module):
         drop_path_rate: stochastic depth, rising linearly from 0 at the first block to this at the last.
         attn_backend: the EMIM op's backend, "auto" (fused Triton kernels on CUDA, the PyTorch reference
             on CPU), "triton" or "reference".
+        direction: the EMIM layers' frame pairing, "next" (the paper) or "prev" (each EMIM layer causal;
+            the network as a whole is not: its 3D convolutions and global attention see later frames).
+        dilation: the EMIM layers' window dilation (int >= 1).
+        authors_context_channels: None, or 32 to reproduce the authors' CUDA kernels when running their
+            EMIM checkpoints (context over channels 0..31 of each head; README "The authors' checkpoints").
         grad_checkpointing: activation checkpointing per block (torch.utils.checkpoint, non-reentrant):
             only block inputs are kept, each block's activations are recomputed in backward; one extra
             forward pass buys the memory for B16 or 32-frame training on one GPU.
@@ -247,7 +254,8 @@ class UniFormer(nn.Module):
                  qkv_bias: bool = True, num_classes: int = 400, in_chans: int = 3, patch_sizes=(4, 2, 2, 2),
                  temporal_stride: int = 1, emim_placement: str = "lg", window: int = 7, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, attn_backend: str = "auto",
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, direction: str = "next", dilation: int = 1,
+                 authors_context_channels: int | None = None):
         super().__init__()
         if len(depths) != 4 or len(dims) != 4 or len(patch_sizes) != 4:
             raise ValueError(f"UniFormer has four stages: got depths {depths}, dims {dims}, "
@@ -256,6 +264,12 @@ class UniFormer(nn.Module):
             if dim % head_dim:
                 raise ValueError(f"attention-stage dim {dim} is not a multiple of head_dim {head_dim}")
         uses_emim(emim_placement, 0)  # validates the name before anything is built
+        check_variant(direction, dilation, authors_context_channels)
+        emim_options = dict(direction=direction, dilation=dilation, authors_context_channels=authors_context_channels)
+        changed = {name: value for name, value in emim_options.items() if value != _EMIM_DEFAULTS[name]}
+        if emim_placement == "none" and changed:  # options for layers that do not exist: refused, not dropped
+            raise ValueError(f"UniFormer: {changed} configure EMIM layers, but emim_placement='none' builds "
+                             f"none")
         self.in_chans, self.num_classes, self.num_features = in_chans, num_classes, dims[-1]
         self.min_size = patch_sizes[0] * patch_sizes[1] * patch_sizes[2] * patch_sizes[3]
         self.grad_checkpointing = grad_checkpointing
@@ -278,7 +292,8 @@ class UniFormer(nn.Module):
         def attention_stage(s: int) -> nn.ModuleList:
             return nn.ModuleList(
                 AttentionBlock(dims[s], dims[s] // head_dim, uses_emim(emim_placement, i), window, mlp_ratio,
-                               qkv_bias, drop_rate, attn_drop_rate, rates[first[s] + i], attn_backend)
+                               qkv_bias, drop_rate, attn_drop_rate, rates[first[s] + i], attn_backend,
+                               emim_options)
                 for i in range(depths[s]))
 
         self.blocks1, self.blocks2 = conv_stage(0), conv_stage(1)

@@ -17,11 +17,10 @@ import torch
 from emim_triton.aot import CompileJob, aot_supported, compile_jobs
 from emim_triton.checks import EMIMShape
 from emim_triton.configs import default_configs
-from emim_triton.triton_backend import example_launches
-from helpers import AOT_REPORT
+from emim_triton.triton_backend import DEFAULT_VARIANT, Variant, example_launches
+from helpers import AOT_REPORT, SHARED_MEMORY_LIMIT
 
 # Largest shared memory one program may use (opt-in limit per block): A100 163 KB, H100/H200 227 KB.
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,17 +35,27 @@ CASES = [
     ("K9-D48", EMIMShape(2, 8, 14, 14, 4, 48, 9), ("bf16",), (90,)),
     ("K15-D128", EMIMShape(2, 8, 16, 16, 2, 128, 15), ("bf16",), (80, 90)),
 ]
+# The op's variants compile to other kernels (key-frame offset -1, dilation != 1, a context-channel limit below
+# D): (case id, shape, dtypes, archs, variant). The weights kernel takes no variant, so it is not repeated.
+VARIANT_CASES = [
+    ("prev-dilation2-authors32-stage3", EMIMShape(32, 16, 14, 14, 5, 64, 7), ("bf16",), (80, 90),
+     Variant("prev", 2, 32)),
+    ("next-dilation3-K5-D24", EMIMShape(2, 8, 14, 14, 4, 24, 5), ("fp32",), (90,), Variant("next", 3)),
+]
 
 
 def _params():
     seen = set()
-    for case, shape, dtypes, archs in CASES:
+    for case, shape, dtypes, archs, variant in [(*c, DEFAULT_VARIANT) for c in CASES] + VARIANT_CASES:
         for dtype_name in dtypes:
             configs = default_configs(shape.height, shape.width, shape.window, shape.head_dim, DTYPES[dtype_name])
-            for kernel_name, launch in example_launches(shape, DTYPES[dtype_name], configs).items():
+            launches = example_launches(shape, DTYPES[dtype_name], configs, variant=variant)
+            for kernel_name, launch in launches.items():
+                if variant != DEFAULT_VARIANT and kernel_name == "backward_weights":
+                    continue
                 for arch in archs:
                     key = (kernel_name, dtype_name, arch, tuple(sorted(launch.constexprs.items())),
-                           launch.num_warps, launch.num_stages)
+                           launch.num_warps, launch.num_stages, variant)
                     if key not in seen:  # shapes that share a configuration compile it once
                         seen.add(key)
                         yield pytest.param(launch, arch, id=f"{case}-{dtype_name}-{kernel_name}-sm{arch}")

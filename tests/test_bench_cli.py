@@ -209,7 +209,7 @@ def test_compare_fills_the_fused_row_and_speedups(monkeypatch):
     from emim_triton.bench.cases import parse_shape
 
     if not torch.cuda.is_available():
-        monkeypatch.setattr(compare, "unavailable", lambda backend, device, mode: None)
+        monkeypatch.setattr(compare, "unavailable", lambda backend, device, mode, variant=None: None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = compare.Settings(device=torch.device(device), dtype=torch.float32, backends=("fused", "reference"),
                                 modes=("forward",), warmup_ms=1, rep_ms=1, rotate=1, tune=False)
@@ -291,3 +291,28 @@ def test_static_is_a_subcommand_and_checks_its_output_paths_first(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         main(["static", "--json", str(tmp_path / "missing" / "static.json")])
     assert exit_info.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_compare_measures_the_variant_it_is_asked_for(capsys, tmp_path, monkeypatch):
+    """--direction/--dilation reach every backend and the float64 check; a backend that implements only the
+    paper's op (FlexAttention) says so instead of timing something else."""
+    from emim_triton.bench import compare as compare_module
+
+    seen = []
+    real_reference = compare_module.emim_reference
+
+    def spying_reference(*args, **kwargs):
+        seen.append((kwargs.get("direction"), kwargs.get("dilation")))
+        return real_reference(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "emim_reference", spying_reference)
+    out_json = tmp_path / "result.json"
+    status, _, _ = run_cli(capsys, "compare", "--device", "cpu", "--shape", TINY, "--backends", "reference,flex",
+                           "--modes", "forward", "--warmup-ms", "5", "--rep-ms", "20", "--direction", "prev",
+                           "--dilation", "2", "--json", str(out_json))
+    assert status == 0 and ("prev", 2) in seen
+    report = json.loads(out_json.read_text())
+    assert report["meta"]["variant"] == {"direction": "prev", "dilation": 2}
+    rows = {r["backend"]: r for r in report["rows"]}
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["rel_err"] < 1e-5
+    assert rows["flex"]["status"] == "skipped" and "paper's op only" in rows["flex"]["note"]

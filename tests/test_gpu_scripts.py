@@ -72,3 +72,15 @@ def test_large_inputs_refuses_bad_arguments(large_inputs, capsys, argv, message)
         large_inputs.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_streaming_benchmark_runs_and_checks_the_stream_against_the_whole_clip(tmp_path):
+    import runpy
+
+    out = tmp_path / "streaming.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "streaming.py"
+    main = runpy.run_path(str(script))["main"]
+    assert main(["--device", "cpu", "--small", "--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["direction"] for r in rows} == {"prev", "next"}
+    assert all(r["rel_err_vs_whole_clip"] < 1e-5 and r["step_ms_median"] > 0 for r in rows)

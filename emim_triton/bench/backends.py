@@ -39,8 +39,10 @@ DEFAULT_BACKENDS = {"cuda": BACKENDS, "cpu": ("fused", "reference", "compiled")}
 Op = Callable[..., torch.Tensor]
 
 
-def unavailable(backend: str, device: torch.device, mode: str) -> str | None:
-    """Why `backend` cannot be measured here in `mode`, or None if it can."""
+def unavailable(backend: str, device: torch.device, mode: str, variant: dict | None = None) -> str | None:
+    """Why `backend` cannot be measured here in `mode` (for the op's `variant` options), or None if it can."""
+    if backend == "flex" and variant and variant != dict(direction="next", dilation=1):
+        return f"not available: the FlexAttention formulation implements the paper's op only, not {variant}"
     if backend == "fused" and device.type != "cuda":
         return ("not measured: no CUDA GPU here. The fused Triton kernels run only on a GPU (the CPU "
                 "interpreter executes them for the tests, far too slowly to time)")
@@ -58,20 +60,22 @@ def unavailable(backend: str, device: torch.device, mode: str) -> str | None:
     return None
 
 
-def make_op(backend: str, case: BenchCase, device: torch.device) -> Op:
-    """The callable that computes EMIM with `backend` for `case`'s shape."""
+def make_op(backend: str, case: BenchCase, device: torch.device, variant: dict | None = None) -> Op:
+    """The callable that computes EMIM with `backend` for `case`'s shape (and the op's `variant` options,
+    e.g. direction="prev", dilation=2)."""
+    variant = variant or {}
     if backend == "fused":
         from ..functional import emim_attention
 
-        return functools.partial(emim_attention, backend="triton")
+        return functools.partial(emim_attention, backend="triton", **variant)
     if backend == "reference":
-        return emim_reference
+        return functools.partial(emim_reference, **variant)
     if backend == "compiled":
         # dynamic=False: specialise to this shape, as a fixed-shape training job would; the caller resets
         # dynamo between shapes so no case inherits another's guards or recompile budget. One chunk: the
         # reference's memory-bounding chunk loop would be unrolled into the graph (~100 chunks at the S16
         # stage-3 shape: minutes of compiling, seen on an H200), and Inductor fuses the window gather anyway.
-        return torch.compile(functools.partial(emim_reference, chunk_pairs=1 << 30), dynamic=False)
+        return torch.compile(functools.partial(emim_reference, chunk_pairs=1 << 30, **variant), dynamic=False)
     if backend == "flex":
         from .flex import emim_flex, window_block_mask
 

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the results as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: a bar chart per case and the scaling curve")
+    p.add_argument("--direction", choices=("next", "prev"), default="next",
+                   help="the op's frame pairing: next (the paper's, default) or prev (causal)")
+    p.add_argument("--dilation", type=_positive_int, default=1, metavar="D", help="window dilation (default 1)")
 
     p = commands.add_parser("static", help="each kernel's GPU time predicted from its SASS (no GPU needed)",
                             description="Compile the op's kernels for a GPU on the CPU, count their SASS "
@@ -265,7 +268,7 @@ def _compare(args, parser) -> int:
     settings = Settings(device=torch.device(device_type), dtype=dtype,
                         backends=args.backends or DEFAULT_BACKENDS[device_type], modes=args.modes,
                         warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, rotate=args.rotate, tune=not args.no_tune,
-                        max_configs=args.max_configs or None)
+                        max_configs=args.max_configs or None, direction=args.direction, dilation=args.dilation)
     report = run_compare(cases, settings, log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(report))
     if args.json is not None:

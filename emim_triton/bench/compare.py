@@ -22,15 +22,11 @@ import triton
 from ..checks import EMIMShape
 from ..cost_model import MODES, emim_cost
 from ..reference import emim_reference
+from ..testing import BENCH_CORRECTNESS_RTOL, qkv_views_of, random_parameters, random_qkv, relative_error
 from .backends import LABELS, make_op, unavailable
 from .cases import BenchCase
 from .roofline import Ceilings, floors, measure_ceilings
 from .timing import Rotating, first_call_seconds, peak_memory_bytes, time_call
-
-# A backend whose forward differs from the float64 reference by more than this (relative Frobenius
-# norm) computes another function. Rounding the output to bf16 alone costs ~2e-3 and fp16 ~3e-4.
-CORRECTNESS_RTOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
 
 @dataclass
 class Row:
@@ -75,6 +71,13 @@ class Settings:
     rotate: int = 3  # input sets cycled through while timing
     tune: bool = True  # autotune the fused kernels for shapes the cache does not have
     max_configs: int | None = 64
+    direction: str = "next"  # the op's variants (docs/operation.md#variants-beyond-the-paper)
+    dilation: int = 1
+
+    @property
+    def variant(self) -> dict:
+        """The op's variant options, as keyword arguments of emim_attention / emim_reference."""
+        return dict(direction=self.direction, dilation=self.dilation)
 
 
 def run_compare(cases: list[BenchCase], settings: Settings, log: Callable[[str], None] = print) -> Report:
@@ -88,7 +91,7 @@ def run_compare(cases: list[BenchCase], settings: Settings, log: Callable[[str],
         report.cases.append({**case.as_dict(), "rows_computed": case.shape.rows,
                              **{f"{m}_{k}": v for m in MODES for k, v in _cost_entry(cost, m, ceilings).items()}})
         sets = [make_input_set(case.shape, dtype, device, seed) for seed in range(settings.rotate)]
-        expected = _float64_forward(sets[0])
+        expected = _float64_forward(sets[0], settings.variant)
         for backend in settings.backends:
             log(f"{case.name}: {LABELS[backend]} ...")
             report.rows += _measure_backend(case, backend, sets, expected, cost, ceilings, settings)
@@ -110,6 +113,7 @@ def _meta(settings: Settings, ceilings: Ceilings) -> dict:
         "triton": triton.__version__,
         "dtype": str(settings.dtype).removeprefix("torch."),
         "parameters": "float32",
+        "variant": settings.variant,
         "ceilings": {"bandwidth_GBps": ceilings.bandwidth / 1e9, "matmul_TFLOPs": ceilings.matmul_flops / 1e12,
                      "source": ceilings.source},
         "fused_measured": fused,
@@ -128,29 +132,24 @@ def _cost_entry(cost, mode: str, ceilings: Ceilings) -> dict:
 
 def make_input_set(shape: EMIMShape, dtype, device, seed: int) -> dict:
     """One input set: a qkv tensor (its three views are made per call, as a model does), float32
-    parameters, and an upstream gradient for the backward."""
+    parameters, and an upstream gradient for the backward; drawn on the device (bench shapes are large)."""
     gen = torch.Generator(device).manual_seed(seed)
-    B, T, H, W, heads, D, K = (shape.batch, shape.frames, shape.height, shape.width, shape.heads,
-                               shape.head_dim, shape.window)
-    area = K * K
-    randn = lambda *size, std=1.0: torch.randn(*size, device=device, generator=gen) * std  # noqa: E731
-    return {
-        "qkv": randn(B, T * H * W, 3 * heads * D).to(dtype),
-        "params": [randn(heads, K, K, std=0.5), randn(4 * area, area, std=area ** -0.5), randn(4 * area, std=0.1),
-                   randn(D, 4 * area, std=(4 * area) ** -0.5), randn(D, std=0.1)],
-        "grad_out": randn(B, T, H, W, heads, D).to(dtype),
-        "shape": shape,
-    }
+    s = shape
+    qkv = random_qkv(s.batch, s.frames, s.height, s.width, s.heads, s.head_dim, gen, dtype=dtype, device=device)
+    params = list(random_parameters(s.heads, s.head_dim, s.window, gen, device=device).values())
+    grad_out = torch.randn(s.batch, s.frames, s.height, s.width, s.heads, s.head_dim, device=device,
+                           generator=gen).to(dtype)
+    return {"qkv": qkv, "params": params, "grad_out": grad_out, "shape": shape}
 
 
 def qkv_views(qkv: torch.Tensor, shape: EMIMShape):
-    return qkv.view(shape.batch, shape.frames, shape.height, shape.width, 3, shape.heads, shape.head_dim).unbind(4)
+    return qkv_views_of(qkv, shape.frames, shape.height, shape.width, shape.heads)
 
 
-def _float64_forward(inputs: dict) -> torch.Tensor:
+def _float64_forward(inputs: dict, variant: dict) -> torch.Tensor:
     q, k, v = (t.double() for t in qkv_views(inputs["qkv"], inputs["shape"]))
     with torch.no_grad():
-        return emim_reference(q, k, v, *(p.double() for p in inputs["params"]))
+        return emim_reference(q, k, v, *(p.double() for p in inputs["params"]), **variant)
 
 
 def forward_call(op, inputs: dict) -> Callable[[], torch.Tensor]:
@@ -177,7 +176,7 @@ def _measure_backend(case, backend, sets, expected, cost, ceilings, settings: Se
     for mode in settings.modes:
         row = Row(case.name, mode, backend, "ok")
         rows.append(row)
-        reason = unavailable(backend, device, mode)
+        reason = unavailable(backend, device, mode, settings.variant)
         if reason:
             row.status, row.note = "skipped", reason
             continue
@@ -185,13 +184,13 @@ def _measure_backend(case, backend, sets, expected, cost, ceilings, settings: Se
             if op is None:
                 if backend == "fused":
                     row.note = _fused_configs(case.shape, settings)
-                op = make_op(backend, case, device)
+                op = make_op(backend, case, device, settings.variant)
                 out = forward_call(op, sets[0])()  # compiles on first use
-                row.rel_err = _relative_error(out, expected)
+                row.rel_err = relative_error(out, expected)
                 del out
-                if not row.rel_err <= CORRECTNESS_RTOL[settings.dtype]:  # NaN fails too
+                if not row.rel_err <= BENCH_CORRECTNESS_RTOL[settings.dtype]:  # NaN fails too
                     raise _WrongResult(f"forward differs from the float64 reference by {row.rel_err:.2e} "
-                                       f"(allowed {CORRECTNESS_RTOL[settings.dtype]:.0e}); not timed")
+                                       f"(allowed {BENCH_CORRECTNESS_RTOL[settings.dtype]:.0e}); not timed")
             make_call = forward_call if mode == "forward" else training_call
             calls = [make_call(op, inputs) for inputs in sets]
             row.first_call_s = first_call_seconds(calls[0], device)
@@ -219,23 +218,14 @@ class _WrongResult(Exception):
     pass
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual = actual.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 def _fused_configs(shape: EMIMShape, settings: Settings) -> str:
     """Make sure the fused op runs tuned configurations for `shape` (unless --no-tune); say which it runs."""
     from .. import autotune
-    from ..tuning_cache import entry_key
 
     resolved = autotune.resolve_configs(shape, settings.dtype)
     if not settings.tune or resolved.source in ("cache", "tuned", "interpreter"):
         return f"configs: {resolved.source}"
-    result = autotune.tune(shape, settings.dtype, max_configs=settings.max_configs)
-    autotune.user_cache(autotune.current_device()).put(entry_key(shape, settings.dtype), result.configs,
-                                                       result.summary())
-    autotune.reset()  # the op re-reads the cache and finds the new entry
+    autotune.tune_and_cache(shape, settings.dtype, max_configs=settings.max_configs)
     return "configs: tuned in this run"
 
 
@@ -250,5 +240,5 @@ def _fill_speedups(rows: list[Row]) -> None:
                 row.fused_speedup = row.median_ms / fused.median_ms
 
 
-__all__ = ["CORRECTNESS_RTOL", "Report", "Row", "Settings", "forward_call", "make_input_set", "run_compare",
+__all__ = ["Report", "Row", "Settings", "forward_call", "make_input_set", "run_compare",
            "training_call"]

@@ -20,30 +20,28 @@ which also catches a write that lands in the wrong place.
 Two slices: the first entries (b = 0, t0 = 0: small offsets) and the last (b = B-1, t0 = T-2: the largest
 offsets, past 2**31 at the default shape). They are in different batch entries, so one backward serves
 both (with B = 1, only the last). Errors are relative (Frobenius) to a float64 reference of the slices;
-the bound is the one of tests/helpers.py: twice the reference's own error in the run's dtype (2.5 times
-in the interpreter, which truncates where a GPU rounds), at least two units of tf32 rounding; float32:
-1e-5. Exit status 0 when every check passes, 1 otherwise.
+the bound is the tests' (emim_triton.testing.low_precision_bound): twice the reference's own error in the
+run's dtype (2.5 times in the interpreter, which truncates where a GPU rounds), at least two units of tf32
+rounding; float32: 1e-5. Exit status 0 when every check passes, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
 from emim_triton import emim_attention
+from emim_triton.environment import interpreter_enabled
 from emim_triton.reference import emim_reference
+from emim_triton.testing import FP32_KERNEL_RTOL, INPUT_NAMES, low_precision_bound, make_inputs, relative_error
 
 DEFAULT_SHAPE = (8, 32, 128, 128, 16, 64, 7)  # B, T, H, W, heads, D, K
 SMALL_SHAPE = (2, 3, 3, 4, 2, 16, 3)  # T = 3: the two slices are different frames; H != W; K < H
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-GRAD_NAMES = ("q", "k", "v", "rpb", "w1", "b1", "w2", "b2")
-TF32_ALLOWANCE = 2.0 ** -10  # the kernels' tf32-rounded MLP operands in fp16/bf16 (tests/helpers.py)
-FP32_BOUND = 1e-5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cpu" and full_size:
         parser.error("the default shape needs a GPU with about 110 GB of memory; use --small on a CPU")
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpreted = interpreter_enabled()
     if args.device.type == "cpu" and args.backend == "triton" and not interpreted:
         parser.error("--backend triton on a CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
     args.interpreted = interpreted and args.device.type == "cpu"
@@ -91,25 +89,12 @@ def slices_of(B: int, T: int) -> list[tuple[int, int, list[int]]]:
     return [first, last] if B > 1 else [last]
 
 
-def make_inputs(shape, dtype, device, seed):
-    """q, k, v of `dtype` and float32 parameters, random and non-zero (the motion MLP's output layer too,
-    unlike the module's init, so that every path of the op matters), all requiring grad."""
-    B, T, H, W, heads, D, K = shape
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size, std=1.0, dt=torch.float32):
-        return (torch.randn(*size, generator=gen, device=device, dtype=dt) * std).requires_grad_()
-
-    area = K * K
-    q, k, v = (randn(B, T, H, W, heads, D, dt=dtype) for _ in range(3))
-    params = (randn(heads, K, K, std=0.5), randn(4 * area, area, std=area ** -0.5), randn(4 * area, std=0.1),
-              randn(D, 4 * area, std=(4 * area) ** -0.5), randn(D, std=0.1))
-    return (q, k, v), params
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+def random_inputs(shape, dtype, device, seed):
+    """q, k, v of `dtype` and float32 parameters (`emim_triton.testing.make_inputs`), drawn on the device
+    (the default shape is too large for the host), all requiring grad."""
+    inputs = make_inputs(*shape, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(seed))
+    q, k, v, *params = (t.requires_grad_() for t in inputs.values())
+    return (q, k, v), tuple(params)
 
 
 def reference_on_slices(slice_inputs, params, slice_grads, dtype):
@@ -135,7 +120,7 @@ def run(args) -> dict:
     B, T, H, W, heads, D, K = args.shape
     dtype, device = DTYPES[args.dtype], args.device
     slices = slices_of(B, T)
-    (q, k, v), params = make_inputs(args.shape, dtype, device, args.seed)
+    (q, k, v), params = random_inputs(args.shape, dtype, device, args.seed)
     result = dict(shape=dict(zip("B T H W heads D K".split(), args.shape)), elements_per_qkv=q.numel(),
                   past_2_31=q.numel() > 2 ** 31, dtype=args.dtype, backend=args.backend, device=str(device),
                   slices=[dict(b=b, t0=t0, output_frames=frames) for b, t0, frames in slices])
@@ -188,14 +173,14 @@ def run(args) -> dict:
     pairs = {"out": (local(fused_out), local(ref_out), local(exact_out))}
     for i, name in enumerate("qkv"):
         pairs["d" + name] = (qkv(fused_qkv_grads, i), qkv(ref_qkv, i), qkv(exact_qkv, i))
-    for name, fused, ref, exact in zip(GRAD_NAMES[3:], fused_param_grads, ref_params, exact_params):
+    for name, fused, ref, exact in zip(INPUT_NAMES[3:], fused_param_grads, ref_params, exact_params):
         pairs["d" + name] = (fused, ref, exact)
 
-    factor = 2.5 if args.interpreted else 2.0
     errors = {}
     for name, (fused, ref, exact) in pairs.items():
         reference_error = relative_error(ref, exact)
-        bound = FP32_BOUND if dtype == torch.float32 else max(factor * reference_error, TF32_ALLOWANCE)
+        bound = (FP32_KERNEL_RTOL if dtype == torch.float32
+                 else low_precision_bound(reference_error, interpreted=args.interpreted))
         error = relative_error(fused, exact)
         errors[name] = dict(error=error, reference_error=reference_error, bound=bound, ok=error <= bound)
     result["errors"] = errors

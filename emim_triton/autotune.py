@@ -44,6 +44,7 @@ from .checks import EMIMShape
 from .configs import EMIMConfigs, KERNELS, candidate_configs, default_configs, interpreter_configs
 from . import triton_backend
 from .environment import interpreter_enabled
+from .testing import INPUT_NAMES, SAME_FUNCTION_RTOL, make_inputs, relative_error
 from .tuning_cache import (DeviceId, TuningCache, configs_from_json, dtype_name, entry_key,
                            read_shipped_defaults)
 
@@ -54,10 +55,12 @@ MAX_CONFIGS_ENV = "EMIM_TRITON_AUTOTUNE_MAX_CONFIGS"
 DEFAULT_MAX_CONFIGS_IN_JOB = 32
 
 
-def _kernel_version() -> str:
-    """A digest of the kernels' source: editing any kernel invalidates every tuning cache."""
+def _kernel_version(folder=None) -> str:
+    """A digest of the kernels' source (`folder`: the installed kernels by default): editing any kernel
+    invalidates every tuning cache."""
+    folder = folder if folder is not None else resources.files("emim_triton.kernels")
     digest = hashlib.sha256()
-    for source in sorted(resources.files("emim_triton.kernels").iterdir(), key=lambda p: p.name):
+    for source in sorted(folder.iterdir(), key=lambda p: p.name):
         if source.name.endswith(".py"):
             digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -253,6 +256,15 @@ def tune(shape: EMIMShape, dtype: torch.dtype, *, max_configs: int | None = None
     return result
 
 
+def tune_and_cache(shape: EMIMShape, dtype: torch.dtype, **tune_options) -> TuneResult:
+    """`tune` on the current CUDA device, record the winners in the user's cache, and forget the answers
+    this process remembered, so that the op's next call finds the new entry."""
+    result = tune(shape, dtype, **tune_options)
+    user_cache(current_device()).put(entry_key(shape, dtype), result.configs, result.summary())
+    reset()
+    return result
+
+
 def sample_candidates(candidates: list, max_configs: int | None) -> list:
     """The first candidate (the heuristic's) and at most max_configs - 1 others, a seeded random sample."""
     if max_configs is None or len(candidates) <= max_configs:
@@ -310,37 +322,27 @@ def _time_candidate(kernel, cfg, shape, dtype, heuristic, tensors: _DeviceTensor
     return Trial(kernel, cfg, float(ms), f"spills {spills} B" if spills else "")
 
 
-# Tuned and heuristic configurations compute the same function; only summation order differs, which
-# moves float32 results by ~1e-6 and flips the last bit of a few 16-bit outputs.
-_SAME_RESULT_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
 def check_same_results(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs, reference: EMIMConfigs,
                        seed: int = 0, device: torch.device | None = None) -> None:
-    """Raise if `configs` and `reference` give different outputs or gradients on random inputs.
+    """Raise if `configs` and `reference` give different outputs or gradients on random inputs
+    (`testing.SAME_FUNCTION_RTOL` apart).
 
     device: the current CUDA device by default (a CPU device runs the kernels in the interpreter).
     """
     device = device or torch.device("cuda", torch.cuda.current_device())
-    gen = torch.Generator(device).manual_seed(seed)
-    B, T, H, W, heads, D, K = (shape.batch, shape.frames, shape.height, shape.width, shape.heads,
-                               shape.head_dim, shape.window)
-    qkv = torch.randn(B, T * H * W, 3 * heads * D, device=device, generator=gen).to(dtype)
-    q, k, v = qkv.view(B, T, H, W, 3, heads, D).unbind(4)
-    area = K * K
-    params = [torch.randn(*s, device=device, generator=gen) * std for s, std in
-              (((heads, K, K), 0.5), ((4 * area, area), area ** -0.5), ((4 * area,), 0.1),
-               ((D, 4 * area), (4 * area) ** -0.5), ((D,), 0.1))]
-    inputs, scale, pad = (q, k, v, *params), D ** -0.5, 1e-6
-    grad_out = torch.randn(B, T, H, W, heads, D, device=device, generator=gen).to(dtype)
+    gen = torch.Generator(device).manual_seed(seed)  # drawn on the device: tuned shapes can be large
+    inputs = make_inputs(shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim,
+                         shape.window, dtype=dtype, device=device, qkv_views=True, generator=gen)
+    grad_out = torch.randn(inputs["q"].shape, device=device, generator=gen).to(dtype)
+    scale, pad = shape.head_dim ** -0.5, 1e-6
 
     def run(cfgs):
-        out, lse = triton_backend.forward(*inputs, shape, scale, pad, cfgs, store_lse=True)
-        return (out, *triton_backend.backward(grad_out, *inputs, lse, shape, scale, pad, cfgs))
+        out, lse = triton_backend.forward(*inputs.values(), shape, scale, pad, cfgs, store_lse=True)
+        return (out, *triton_backend.backward(grad_out, *inputs.values(), lse, shape, scale, pad, cfgs))
 
-    names = ("out", "dq", "dk", "dv", "drpb", "dw1", "db1", "dw2", "db2")
+    names = ("out", *(f"d{name}" for name in INPUT_NAMES))
     for name, got, want in zip(names, run(configs), run(reference)):
-        err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-        if not err <= _SAME_RESULT_RTOL[dtype]:  # NaN fails too
+        err = relative_error(got, want)
+        if not err <= SAME_FUNCTION_RTOL[dtype]:  # NaN fails too
             raise RuntimeError(f"autotune: the tuned configurations {configs} change {name} by a relative "
                                f"{err:.2e} against the heuristic's at {shape}, {dtype}; not using them")

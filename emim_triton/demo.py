@@ -1,9 +1,10 @@
-"""A short tour of EMIM attention: ``python -m emim_triton.demo`` (the README's main job, ``bash scripts/demo.sh``).
+"""A short tour of EMIM attention: ``python -m emim_triton.demo`` (the main job is ``bash scripts/demo.sh``, a different
+program: emim_triton/train/emim_vs_twin.py).
 
 1. An EMIM layer the size of UniFormer-S stage 3 runs on a random 16-frame clip: output shape, time, backend.
 2. A freshly initialised layer (motion MLP output weights W2 = b2 = 0) equals plain local next-frame
-   attention, computed here a second, independent way (dense attention over the padded next frame with
-   everything outside each query's K x K window masked out).
+   attention, computed a second, independent way (``emim_triton.testing.local_next_frame_attention``:
+   the K x K window of the padded next frame, one window offset at a time).
 3. The fused Triton kernels against the reference on a tiny shape: on a GPU if there is one, otherwise in
    Triton's CPU interpreter.
 Runs in well under 30 s on two CPU cores.
@@ -23,44 +24,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn.functional as F  # noqa: E402  (after the interpreter switch on purpose)
-
-from emim_triton import EMIM, emim_attention, emim_reference  # noqa: E402
+from emim_triton import EMIM, emim_attention, emim_reference  # noqa: E402  (after the interpreter switch)
 from emim_triton.functional import resolve_backend  # noqa: E402
+from emim_triton.testing import local_next_frame_attention, make_inputs  # noqa: E402
 
 # UniFormer-S stage 3 at 224 px with the EMIM authors' temporal stride 1: 16 frames of 14 x 14 tokens,
 # 320 channels in 5 heads of 64, window 7.
 CLIP = dict(batch=1, frames=16, height=14, width=14, dim=320, heads=5, window=7)
-
-
-def local_next_frame_attention(q, k, v, rpb, scale, pad_value):
-    """EMIM without its motion term, as dense masked attention. q, k, v: (B, T, H, W, heads, D).
-
-    Each query of frame min(t, T-2) attends to every position of the next frame padded by r = K // 2 on each
-    side (pad_value in the padding, as EMIM pads), with logit -inf outside its own K x K window and
-    rpb[head, i, j] added at window offset (i, j).
-    """
-    B, T, H, W, heads, D = q.shape
-    K = rpb.shape[-1]
-    r = K // 2
-    query_frames = [min(t, T - 2) for t in range(T)] if T > 1 else [0]
-    key_frames = [t + 1 for t in query_frames] if T > 1 else [0]
-
-    def padded_frames(x):  # (B, T, H + 2r, W + 2r, heads, D)
-        return F.pad(x[:, key_frames], (0, 0, 0, 0, r, r, r, r), value=pad_value)
-
-    keys, values = padded_frames(k), padded_frames(v)
-    logits = scale * torch.einsum("btyxnd,btijnd->btnyxij", q[:, query_frames], keys)
-
-    # bias[head, y, x, y + i, x + j] = rpb[head, i, j]; -inf everywhere else (outside the window).
-    bias = torch.full((heads, H, W, H + 2 * r, W + 2 * r), float("-inf"), dtype=logits.dtype)
-    y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    for i in range(K):
-        for j in range(K):
-            bias[:, y, x, y + i, x + j] = rpb[:, i, j, None, None].to(logits.dtype)
-    logits = (logits + bias).flatten(-2)
-    probs = torch.softmax(logits, dim=-1).unflatten(-1, (H + 2 * r, W + 2 * r))
-    return torch.einsum("btnyxij,btijnd->btyxnd", probs, values)
 
 
 def relative_max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -98,7 +68,7 @@ def run_module_on_a_clip() -> None:
         q, k, v = layer.qkv(x).view(B, T, H, W, 3, layer.num_heads, layer.head_dim).unbind(4)
         context = local_next_frame_attention(q, k, v, layer.rpb, layer.scale, layer.pad_value)
         by_hand = layer.proj(context.reshape(B, N, C))
-        print("2. a new layer (W2 = b2 = 0) vs local next-frame attention written out as masked dense attention:")
+        print("2. a new layer (W2 = b2 = 0) vs local next-frame attention written out with shifted slices:")
         print(f"   max relative difference {relative_max_error(out, by_hand):.1e} (float32 rounding: they are equal)")
         layer.motion_conv[2].weight.normal_(std=0.05)
         with_motion = layer(x, frames=(T, H, W))
@@ -115,16 +85,7 @@ def compare_fused_kernels_with_reference() -> None:
         return
     device = "cuda" if on_gpu else "cpu"
     shape = (1, 3, 4, 5, 2, 16, 3)  # (B, T, H, W, heads, D, K)
-    B, T, H, W, heads, D, K = shape
-    gen = torch.Generator().manual_seed(1)
-
-    def randn(*size, std=1.0):
-        return (torch.randn(*size, generator=gen) * std).to(device).requires_grad_()
-
-    area = K * K
-    inputs = dict(q=randn(B, T, H, W, heads, D), k=randn(B, T, H, W, heads, D), v=randn(B, T, H, W, heads, D),
-                  rpb=randn(heads, K, K, std=0.5), w1=randn(4 * area, area, std=area ** -0.5),
-                  b1=randn(4 * area, std=0.1), w2=randn(D, 4 * area, std=(4 * area) ** -0.5), b2=randn(D, std=0.1))
+    inputs = {name: t.requires_grad_() for name, t in make_inputs(*shape, device=device, seed=1).items()}
     try:
         start = time.perf_counter()
         out = emim_attention(**inputs, backend="triton")

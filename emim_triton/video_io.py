@@ -77,9 +77,15 @@ def clip_from_frames(decoded: list[np.ndarray], num_frames: int, size: int, mean
     return frames, clip.unsqueeze(0)
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, crf: int | None = None,
+                realtime: bool = False) -> None:
     """Encode (T, H, W, 3) uint8 RGB frames (H, W even): VP9 for .webm, H.264 otherwise, nearly lossless.
-    ValueError if ``path`` cannot take such a video (no such directory, a container without H.264, ...)."""
+    ValueError if ``path`` cannot take such a video (no such directory, a container without H.264, ...).
+
+    crf: the encoder's constant rate factor, lower is closer to lossless (default: 10 for VP9, 12 for
+    H.264: high quality, so that texture, what motion is seen in, survives the compression).
+    realtime: VP9's fastest preset, for writing many clips (a generated dataset, the tests' videos).
+    """
     av = _av()
     path = os.fspath(path)
     webm = path.lower().endswith(".webm")
@@ -97,8 +103,11 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> No
             raise ValueError(f"cannot write video {path!r}: {error}; expected {formats}") from error
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # High quality, so that texture (what motion is seen in) survives the compression.
-        stream.options = {"crf": "10", "b:v": "0"} if webm else {"crf": "12"}
+        if webm:  # "b:v 0": quality from crf alone, no bitrate target
+            stream.options = {"crf": str(10 if crf is None else crf), "b:v": "0",
+                              **({"deadline": "realtime", "cpu-used": "8"} if realtime else {})}
+        else:
+            stream.options = {"crf": str(12 if crf is None else crf)}
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
         container.mux(stream.encode(None))  # flush the encoder

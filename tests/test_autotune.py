@@ -2,12 +2,15 @@
 its configurations. Timing itself needs a GPU (bench/ and `emim-bench autotune` on one)."""
 
 import dataclasses
+import inspect
 import json
 import os
 import warnings
+from importlib import resources
 
 import pytest
 import torch
+import triton
 
 from emim_triton import autotune, triton_backend
 from emim_triton.aot import aot_supported, compile_for_gpu
@@ -17,8 +20,7 @@ from emim_triton.configs import (KERNELS, MIN_DOT_DIM, candidate_configs, defaul
 from emim_triton.tuning_cache import (DeviceId, TuningCache, TuningCacheWarning, add_to_shipped_defaults,
                                       configs_to_json, entry_key, read_shipped_defaults, shape_bucket,
                                       write_json_atomically)
-from helpers import AOT_REPORT, test_device
-from test_aot_compile import SHARED_MEMORY_LIMIT
+from helpers import AOT_REPORT, SHARED_MEMORY_LIMIT, test_device
 
 STAGE3 = EMIMShape(32, 16, 14, 14, 5, 64, 7)
 STAGE4 = EMIMShape(32, 16, 7, 7, 8, 64, 7)
@@ -219,8 +221,23 @@ def test_stale_cache_is_ignored_with_one_warning(tmp_path, change):
     assert len(caught) == 1
 
 
+def test_the_shipped_defaults_are_read_whole_and_keyed_by_their_own_shapes():
+    """Every entry of the package's data file is usable (none dropped as malformed) and sits under the key
+    of the shape and dtype it was tuned for, so the op finds it for that shape."""
+    text = resources.files("emim_triton.tuned").joinpath("tuned_configs.json").read_text()
+    on_disk = {slug: device["entries"] for slug, device in json.loads(text)["devices"].items()}
+    assert on_disk, "the package ships tuned configurations"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TuningCacheWarning)
+        assert read_shipped_defaults() == on_disk
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for entries in on_disk.values():
+        for key, entry in entries.items():
+            tuned_for = EMIMShape(*entry["info"]["shape"])
+            assert entry_key(tuned_for, dtypes[entry["info"]["dtype"]]) == key
+
+
 def test_shipped_defaults():
-    assert read_shipped_defaults() == {} or all(isinstance(v, dict) for v in read_shipped_defaults().values())
     assert read_shipped_defaults('{"format": 1, "devices": {}}') == {}
     entry = configs_to_json(_configs())
     text = json.dumps({"format": 1, "devices": {"nvidia-h200-sm90": {"entries": {"bf16/K7/D64/x": entry}}}})
@@ -291,6 +308,17 @@ def test_opt_in_tunes_once_and_caches(fake_gpu, monkeypatch, tmp_path):
     assert (tmp_path / "nvidia-h200-sm90.json").exists()
 
 
+def test_tune_and_cache_makes_the_op_use_the_new_entry_at_once(fake_gpu, tmp_path):
+    """What `emim-bench compare` does for an untuned shape: the op, which already answered "heuristic" for
+    it, must find the new cache entry on its next call, in this process."""
+    assert autotune.resolve_configs(STAGE3, torch.bfloat16).source == "heuristic"
+    result = autotune.tune_and_cache(STAGE3, torch.bfloat16, max_configs=4)
+    assert result.configs == _configs(64) and fake_gpu == [(STAGE3, torch.bfloat16)]
+    assert autotune.resolve_configs(STAGE3, torch.bfloat16) == autotune.Resolved(_configs(64), "cache")
+    assert TuningCache(H200, triton.__version__, autotune.KERNEL_VERSION, directory=tmp_path).get(
+        entry_key(STAGE3, torch.bfloat16)) == _configs(64)  # and on disk, for the next process
+
+
 def test_shipped_defaults_come_after_the_cache(fake_gpu, monkeypatch):
     key = entry_key(STAGE3, torch.bfloat16)
     monkeypatch.setattr(autotune, "_shipped", {"nvidia-h200-sm90": {key: configs_to_json(_configs(32))}})
@@ -315,9 +343,20 @@ def test_without_cuda_the_heuristic(monkeypatch):
     assert autotune.resolve_configs(STAGE3, torch.bfloat16) == autotune.Resolved(_heuristic(STAGE3), "heuristic")
 
 
-def test_kernel_version_is_a_digest_of_the_kernels():
-    assert len(autotune.KERNEL_VERSION) == 16 and int(autotune.KERNEL_VERSION, 16) >= 0
-    assert autotune._kernel_version() == autotune.KERNEL_VERSION
+def test_editing_any_kernel_changes_the_kernel_version(tmp_path):
+    """Tuning caches are only valid for the kernels they were timed on: KERNEL_VERSION must follow every
+    kernel source file, and nothing else."""
+    kernels = [f for f in resources.files("emim_triton.kernels").iterdir() if f.name.endswith(".py")]
+    for source in kernels:
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    assert autotune._kernel_version(tmp_path) == autotune.KERNEL_VERSION  # a copy of the kernels digests the same
+    (tmp_path / "notes.txt").write_text("not a kernel")
+    assert autotune._kernel_version(tmp_path) == autotune.KERNEL_VERSION
+    for source in kernels:
+        copy = tmp_path / source.name
+        copy.write_bytes(source.read_bytes() + b"\n# edited\n")
+        assert autotune._kernel_version(tmp_path) != autotune.KERNEL_VERSION, f"editing {source.name}"
+        copy.write_bytes(source.read_bytes())
 
 
 # --- The tuner's launches, run in the interpreter ----------------------------------------------------------
@@ -344,6 +383,34 @@ def test_winners_are_checked_against_the_heuristic():
     other = dataclasses.replace(heuristic, forward=dataclasses.replace(heuristic.forward, block_h=2, block_w=8),
                                 backward_weights=dataclasses.replace(heuristic.backward_weights, programs=3))
     autotune.check_same_results(TINY, torch.float32, other, heuristic, device=torch.device(test_device()))
+
+
+@pytest.mark.fused
+@pytest.mark.parametrize("kernel, buffer, spoiled", [("forward", "out", "out"),
+                                                     ("backward_weights", "dw1_partial", "dw1")])
+def test_winners_that_compute_something_else_are_rejected(monkeypatch, kernel, buffer, spoiled):
+    """A tuned configuration whose kernel computes another function (here: its launch leaves one result 1 %
+    off) must not pass the check against the heuristic, whether the forward or a backward kernel is wrong."""
+    heuristic = default_configs(TINY.height, TINY.width, TINY.window, TINY.head_dim, torch.float32)
+    wrong_cfg = dict(forward=dataclasses.replace(heuristic.forward, block_h=2, block_w=8),
+                     backward_weights=dataclasses.replace(heuristic.backward_weights, programs=3))[kernel]
+    real_launch = getattr(triton_backend, f"{kernel}_launch")
+
+    def launch(*args, **kwargs):
+        arguments = inspect.signature(real_launch).bind(*args, **kwargs).arguments
+        launch = real_launch(*args, **kwargs)
+        if arguments["cfg"] != wrong_cfg:
+            return launch
+
+        def off_by_one_percent():
+            launch()
+            arguments[buffer].mul_(1.01)
+        return off_by_one_percent
+
+    monkeypatch.setattr(triton_backend, f"{kernel}_launch", launch)
+    tuned = dataclasses.replace(heuristic, **{kernel: wrong_cfg})
+    with pytest.raises(RuntimeError, match=rf"change {spoiled} by a relative 1\.00e-02"):
+        autotune.check_same_results(TINY, torch.float32, tuned, heuristic, device=torch.device(test_device()))
 
 
 def test_a_failed_tuning_falls_back_with_a_warning(fake_gpu, monkeypatch):

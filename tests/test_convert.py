@@ -23,7 +23,7 @@ from emim_triton import EMIM, convert_to_emim
 from emim_triton.convert import GridEMIM, find_attention_layers
 from emim_triton.models import create_model
 from emim_triton.models.uniformer import GlobalAttention
-from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, relative_error
+from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, local_next_frame_attention, relative_error
 
 GRID = (4, 4, 4)  # T, H, W of the token grids below: 8 frames, tubelet 2; 32 px, patch 8
 DIM, HEADS, WINDOW = 64, 2, 3
@@ -99,37 +99,6 @@ def token_input(n_tokens, batch=2, seed=1, dim=DIM):
     return torch.randn(batch, n_tokens, dim, generator=torch.Generator().manual_seed(seed))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Local next-frame attention, written from SPEC.md independently of the library
-# ----------------------------------------------------------------------------------------------------
-
-def local_next_frame_attention(q, k, v, rpb, scale, pad_value=1e-6):
-    """Softmax over the K x K window of keys in the next frame centred on each query's position (keys and
-    values outside the frame are pad_value in every channel), one window offset at a time.
-    q, k, v: (B, T, H, W, heads, D); output frame T-1 repeats frame T-2."""
-    B, T, H, W, heads, D = q.shape
-    K = rpb.shape[-1]
-    r = K // 2
-    out = torch.empty_like(q)
-    for t in range(T):
-        tq = min(t, T - 2)
-        keys, values = k[:, tq + 1], v[:, tq + 1]
-        logits, shifted_values = [], []
-        for i in range(K):
-            for j in range(K):
-                dy, dx = i - r, j - r
-                # The key of query (y, x) at this offset sits at (y + dy, x + dx); outside the frame: padding.
-                shifted_k, shifted_v = torch.full_like(keys, pad_value), torch.full_like(values, pad_value)
-                ys, xs = slice(max(0, -dy), min(H, H - dy)), slice(max(0, -dx), min(W, W - dx))
-                src_ys, src_xs = slice(ys.start + dy, ys.stop + dy), slice(xs.start + dx, xs.stop + dx)
-                shifted_k[:, ys, xs], shifted_v[:, ys, xs] = keys[:, src_ys, src_xs], values[:, src_ys, src_xs]
-                logits.append(scale * (q[:, tq] * shifted_k).sum(-1) + rpb[:, i, j])
-                shifted_values.append(shifted_v)
-        weights = torch.softmax(torch.stack(logits, dim=-1), dim=-1)          # (B, H, W, heads, K²)
-        out[:, t] = (weights.unsqueeze(-1) * torch.stack(shifted_values, dim=-2)).sum(-2)
-    return out
-
-
 def heads_view(x, grid=GRID, heads=HEADS):
     B, N, C = x.shape
     return x.view(B, *grid, heads, C // heads)
@@ -167,7 +136,8 @@ def test_converted_layer_is_local_next_frame_attention_over_the_original_project
     x = token_input(64).double()
 
     q, k, v = original.qkv(x).chunk(3, dim=-1)
-    context = local_next_frame_attention(heads_view(q), heads_view(k), heads_view(v), emim.rpb, original.scale)
+    context = local_next_frame_attention(heads_view(q), heads_view(k), heads_view(v), emim.rpb, original.scale,
+                                         emim.pad_value)
     expected = original.proj(context.reshape(x.shape))
     assert relative_error(emim(x), expected) < REFERENCE_RTOL[torch.float64]
 
@@ -186,7 +156,8 @@ def test_class_token_keeps_global_attention():
     assert relative_error(out[:, :1], original(x)[:, :1]) < REFERENCE_RTOL[torch.float64]
     # The patch tokens' rows are local next-frame attention among the patch tokens only.
     q, k, v = original.qkv(x[:, 1:]).chunk(3, dim=-1)
-    context = local_next_frame_attention(heads_view(q), heads_view(k), heads_view(v), emim.rpb, original.scale)
+    context = local_next_frame_attention(heads_view(q), heads_view(k), heads_view(v), emim.rpb, original.scale,
+                                         emim.pad_value)
     assert relative_error(out[:, 1:], original.proj(context.reshape(2, 64, DIM))) < REFERENCE_RTOL[torch.float64]
     assert model(clips().double()).shape == (2, 5)
 
@@ -200,8 +171,8 @@ def test_converted_model_trains_and_torch_compile_matches_eager():
 
     F.cross_entropy(model(x), labels).backward()
     F.cross_entropy(compiled(x), labels).backward()
-    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
-        assert p.grad is not None and relative_error(q.grad, p.grad) < 1e-5, name
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):  # float32 in another order
+        assert p.grad is not None and relative_error(q.grad, p.grad) < REFERENCE_RTOL[torch.float32], name
     # The zero motion output layer gets a gradient, so motion features can grow from zero.
     assert model.blocks[0].attn.motion_conv[2].weight.grad.abs().sum() > 0
 
@@ -333,7 +304,8 @@ def test_separate_qkv_biases_are_taken_over_and_the_layer_is_local_attention_ove
     # BEiT's and EVA's projection: the separate biases added to the bias-free qkv (k's part zero).
     qkv = F.linear(x, original.qkv.weight, torch.cat([original.q_bias, zeros, original.v_bias]))
     q, k, v = qkv.chunk(3, dim=-1)
-    context = local_next_frame_attention(heads_view(q), heads_view(k), heads_view(v), emim.rpb, original.scale)
+    context = local_next_frame_attention(heads_view(q), heads_view(k), heads_view(v), emim.rpb, original.scale,
+                                         emim.pad_value)
     assert relative_error(emim(x), original.proj(context.reshape(x.shape))) < REFERENCE_RTOL[torch.float64]
 
 
@@ -466,7 +438,7 @@ def test_videomae_converted_weights_equal_the_originals_and_the_layer_is_local_a
 
     x = token_input(64).double()
     context = local_next_frame_attention(heads_view(query(x)), heads_view(key(x)), heads_view(value(x)),
-                                         emim.rpb, original.attention.scaling)
+                                         emim.rpb, original.attention.scaling, emim.pad_value)
     expected = original.output.dense(context.reshape(x.shape))
     assert relative_error(emim(x), expected) < REFERENCE_RTOL[torch.float64]
 

@@ -21,6 +21,7 @@ from emim_triton import EMIM, emim_attention
 from emim_triton.models import (UniFormer, count_flops, count_params, create_model, emim_forward_flops,
                                 get_model_cfg, list_models, load_pretrained)
 from emim_triton.models.summary import GMACS, GMACS_RTOL, PARAMS_M, PARAMS_RTOL, family
+from helpers import local_next_frame_attention, make_inputs
 
 SB_MODELS = [f"{prefix}uniformer_{size}{frames}"
              for prefix in ("emim_", "") for size in "sb" for frames in (16, 32)]
@@ -147,18 +148,9 @@ def test_gmacs_per_view_match_the_paper(name):
     assert abs(gmacs / GMACS[(name, 1)] - 1) < GMACS_RTOL, gmacs
 
 
-def _emim_inputs(device, B=2, T=3, H=5, W=6, heads=2, D=16, K=7):
-    def randn(*shape):
-        return torch.randn(*shape, device=device)
-
-    area = K * K
-    return (randn(B, T, H, W, heads, D), randn(B, T, H, W, heads, D), randn(B, T, H, W, heads, D),
-            randn(heads, K, K), randn(4 * area, area), randn(4 * area), randn(D, 4 * area), randn(D))
-
-
 def test_emim_flop_formula_matches_the_counted_reference():
     """The cost model registered for the fused op equals what the counter sees on the reference path."""
-    args = _emim_inputs("meta")
+    args = tuple(make_inputs(2, 3, 5, 6, 2, 16, 7, device="meta").values())
     expected = emim_forward_flops(2, 3, 5, 6, 2, 16, 7)
     with FlopCounterMode(display=False) as counter:
         emim_attention(*args, backend="reference")
@@ -182,25 +174,6 @@ def test_cpu_attention_is_counted_like_on_meta():
 # ----------------------------------------------------------------------------------------------------
 # EMIM inside the model
 # ----------------------------------------------------------------------------------------------------
-
-def local_next_frame_attention(q, k, v, rpb, scale, pad_value):
-    """Windowed attention from each frame to the next, written with shifted slices (no unfold, no op):
-    query (t, y, x) attends to the K x K positions around (y, x) in frame min(t, T-2) + 1, positions
-    outside the frame holding pad_value (the authors' unmasked constant padding)."""
-    B, T, H, W, heads, D = q.shape
-    K = rpb.shape[-1]
-    r = K // 2
-    query_frames = [min(t, T - 2) for t in range(T)]
-    q = q[:, query_frames]
-    k, v = (F.pad(x[:, [t + 1 for t in query_frames]], (0, 0, 0, 0, r, r, r, r), value=pad_value) for x in (k, v))
-    logits, values = [], []
-    for i in range(K):
-        for j in range(K):
-            logits.append((q * k[:, :, i:i + H, j:j + W]).sum(-1) * scale + rpb[:, i, j])
-            values.append(v[:, :, i:i + H, j:j + W])
-    weights = torch.stack(logits, -1).softmax(-1)
-    return sum(weights[..., o, None] * values[o] for o in range(K * K))
-
 
 class LocalAttention(nn.Module):
     """Stands in for an EMIM module, with its qkv, proj and rpb, computing only local attention."""

@@ -2,15 +2,14 @@
 next-frame attention), gradients, autocast and checkpoint names. Runs the reference backend except the one
 test marked `fused`, since the Triton interpreter is slow."""
 
-import itertools
-
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from emim_triton import EMIM
-from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, relative_error
+from emim_triton.checks import (HEAD_DIM_RULE, MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, SUPPORTED_HEAD_DIMS,
+                                SUPPORTED_WINDOWS, WINDOW_RULE)
+from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, local_next_frame_attention, relative_error
 
 DIM, HEADS, WINDOW = 32, 2, 3  # head_dim 16, the smallest the op supports
 FRAMES = (3, 4, 5)  # T, H, W: H < W, H and W both > K so the window has inside and outside entries
@@ -39,26 +38,6 @@ class TimmStyleAttention(nn.Module):
         self.attn_drop = nn.Dropout(0.0)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(0.1)
-
-
-def local_next_frame_attention(q, k, v, rpb, scale, pad_value):
-    """SPEC.md without the motion term: softmax over the K x K window of the next frame, with the
-    window's out-of-frame entries padded with pad_value (not masked). q, k, v: (B, T, H, W, heads, D)."""
-    B, T, H, W, heads, D = q.shape
-    K = rpb.shape[-1]
-    r = K // 2
-    # Pad H and W of every key/value frame by r on both sides; window of (y, x) = padded[y:y+K, x:x+K].
-    k_padded = F.pad(k, (0, 0, 0, 0, r, r, r, r), value=pad_value)
-    v_padded = F.pad(v, (0, 0, 0, 0, r, r, r, r), value=pad_value)
-    out = torch.empty_like(q)
-    for b, t, y, x, h in itertools.product(range(B), range(T), range(H), range(W), range(heads)):
-        tq = 0 if T == 1 else min(t, T - 2)
-        tk = 0 if T == 1 else tq + 1
-        keys = k_padded[b, tk, y:y + K, x:x + K, h].reshape(K * K, D)
-        values = v_padded[b, tk, y:y + K, x:x + K, h].reshape(K * K, D)
-        weights = torch.softmax(scale * keys @ q[b, tq, y, x, h] + rpb[h].reshape(-1), dim=0)
-        out[b, t, y, x, h] = weights @ values
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,6 +97,22 @@ def test_bad_input_layout_is_explained(call, message):
 def test_bad_configuration_is_refused_at_construction(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         EMIM(**kwargs)
+
+
+def test_the_module_takes_exactly_the_windows_and_head_dims_of_the_op():
+    """One rule (checks.py) for the module and the op: the module must not build a layer the op refuses."""
+    for window in range(1, MAX_WINDOW + 3):
+        if window in SUPPORTED_WINDOWS:
+            assert EMIM(DIM, HEADS, window=window).window == window
+        else:
+            with pytest.raises(ValueError, match=f"window must be {WINDOW_RULE}, got {window}"):
+                EMIM(DIM, HEADS, window=window)
+    for head_dim in (MIN_HEAD_DIM - 1, MIN_HEAD_DIM, MAX_HEAD_DIM, MAX_HEAD_DIM + 1):
+        if head_dim in SUPPORTED_HEAD_DIMS:
+            assert EMIM(2 * head_dim, 2, window=3).head_dim == head_dim
+        else:
+            with pytest.raises(ValueError, match=f"must be {HEAD_DIM_RULE}"):
+                EMIM(2 * head_dim, 2, window=3)
 
 
 # ----------------------------------------------------------------------------------------------------

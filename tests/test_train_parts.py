@@ -225,3 +225,34 @@ def test_main_stops_early_on_a_mostly_missing_dataset(tmp_path, capsys):
             "--labels-file", str(tmp_path / "labels.json"), "--run-dir", str(tmp_path / "run")]
     assert main(argv) == 2
     assert "4 of 4 listed videos (100%) do not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- config -> data options
+
+def test_every_data_option_reaches_the_datasets_under_its_own_name():
+    """data_options() hands each DataOptions field the TrainConfig value of the same name (a marker per
+    field, so a field filled from another option, or left at its default, shows)."""
+    import dataclasses
+
+    from emim_triton.data.build import DataOptions
+    from emim_triton.train.config import TrainConfig
+    from emim_triton.train.setup import DATA_FIELDS_WITHOUT_OPTION, DATA_OPTION_FIELDS, data_options
+
+    cfg = dataclasses.replace(TrainConfig(), **{name: ("set by the user", name) for name in DATA_OPTION_FIELDS})
+    options = data_options(cfg)
+    for name in DATA_OPTION_FIELDS:
+        assert getattr(options, name) == ("set by the user", name), name
+    every_field = {f.name for f in dataclasses.fields(DataOptions)}
+    assert every_field == set(DATA_OPTION_FIELDS) | set(DATA_FIELDS_WITHOUT_OPTION)
+
+
+def test_an_option_renamed_on_one_side_only_is_refused():
+    from emim_triton.train.setup import data_fields_from_config
+
+    data_fields = ["dataset", "frame_stride", "random_samples"]
+    assert data_fields_from_config(data_fields, ["dataset", "frame_stride"]) == ("dataset", "frame_stride")
+    with pytest.raises(TypeError, match=r"without a TrainConfig option of the same name: \['frame_stride', "
+                                        r"'random_samples'\]"):
+        data_fields_from_config(data_fields, ["dataset", "dense_stride"])  # renamed in TrainConfig only
+    with pytest.raises(TypeError, match=r"only \['random_samples'\] may lack one"):
+        data_fields_from_config(["dataset", "frame_stride"], ["dataset", "frame_stride"])  # a stale exception

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from emim_triton.video_io import write_video as write_frames
+
 
 def frame_value(i: int) -> int:
     return 20 + 10 * i
@@ -18,20 +20,10 @@ def frames(count: int, size: int = 32) -> np.ndarray:
     return np.stack([np.full((size, size, 3), frame_value(i), np.uint8) for i in range(count)])
 
 
-def write_video(path: str, count: int, size: int = 32, codec: str | None = None, fps: int = 12) -> str:
-    """WebM (VP9) or MP4 (H.264) depending on the extension."""
-    import av
-
-    codec = codec or ("libvpx-vp9" if path.endswith(".webm") else "libx264")
-    options = {"crf": "10", "b:v": "0", "deadline": "realtime", "cpu-used": "8"} if "vpx" in codec else {"crf": "10"}
+def write_video(path: str, count: int, size: int = 32, fps: int = 12) -> str:
+    """WebM (VP9) or MP4 (H.264) depending on the extension, written by the library's writer."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with av.open(path, "w") as container:
-        stream = container.add_stream(codec, rate=fps, options=options)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames(count, size):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    write_frames(path, frames(count, size), fps=fps, crf=10, realtime=True)
     return path
 
 

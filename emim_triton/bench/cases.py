@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, MIN_WINDOW, EMIMShape
+from ..checks import HEAD_DIM_RULE, SUPPORTED_HEAD_DIMS, SUPPORTED_WINDOWS, WINDOW_RULE, EMIMShape
 
 SHAPE_FIELDS = ("B", "T", "H", "W", "heads", "D", "K")
 
@@ -68,10 +68,10 @@ def parse_shape(text: str) -> BenchCase:
     B, T, H, W, heads, D, K = values
     if min(B, T, H, W, heads) < 1:
         raise ValueError(f"B, T, H, W and heads must be >= 1, got {text!r}")
-    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {D}")
-    if K % 2 == 0 or not MIN_WINDOW <= K <= MAX_WINDOW:
-        raise ValueError(f"K must be odd and in {MIN_WINDOW}..{MAX_WINDOW}, got {K}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"D must be {HEAD_DIM_RULE}, got {D}")
+    if K not in SUPPORTED_WINDOWS:
+        raise ValueError(f"K must be {WINDOW_RULE}, got {K}")
     return BenchCase("x".join(map(str, values)), EMIMShape(B, T, H, W, heads, D, K))
 
 

@@ -55,10 +55,9 @@ def run_autotune(cases: list[BenchCase], dtype: torch.dtype, *, max_configs: int
             shown = f"{trial.median_ms:.3f} ms" if trial.median_ms is not None else trial.note[:60]
             bar.update(f"{_name[:12]} {kernel[:7]}", done, total, f"{describe(trial.config)}: {shown}")
 
-        result = autotune.tune(case.shape, dtype, max_configs=max_configs, warmup_ms=warmup_ms, rep_ms=rep_ms,
-                               progress=progress)
+        result = autotune.tune_and_cache(case.shape, dtype, max_configs=max_configs, warmup_ms=warmup_ms,
+                                         rep_ms=rep_ms, progress=progress)
         key = entry_key(case.shape, dtype)
-        cache.put(key, result.configs, result.summary())
         tuned[key] = {**configs_to_json(result.configs), "info": result.summary()}
         out(f"\n{case.name} ({case.describe()}) -> {key}")
         out(f"  {'kernel':19} {'winner':50} {'ms':>8} {'heuristic ms':>12} {'gain':>6} {'timed/tried':>11}")
@@ -70,7 +69,6 @@ def run_autotune(cases: list[BenchCase], dtype: torch.dtype, *, max_configs: int
             base_ms = f"{base.median_ms:.3f}" if base and base.median_ms else "-"
             out(f"  {kernel:19} {describe(best.config):50} {best.median_ms:8.3f} {base_ms:>12} {gain:>6} "
                 f"{timed:>5}/{len(trials):<5}")
-    autotune.reset()  # later calls in this process read the new cache entries
     out(f"\nwrote {len(tuned)} entr{'y' if len(tuned) == 1 else 'ies'} to {cache.path}")
     if write_defaults is not None:
         add_to_shipped_defaults(write_defaults, device, tuned, triton.__version__, autotune.KERNEL_VERSION)

@@ -61,7 +61,11 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Everything that decides what the datasets contain. None means the format's default."""
+    """Everything that decides what the datasets contain. None means the format's default.
+
+    The trainer fills each field from its option of the same name (emim_triton/train/setup.py refuses, at
+    import, a field without one unless it is listed there): rename a field here and in TrainConfig together.
+    """
 
     dataset: str
     data_root: str | None

@@ -62,10 +62,30 @@ def resolve(cfg: TrainConfig, dist: Dist) -> TrainConfig:
     return dataclasses.replace(cfg, **updates)
 
 
+# DataOptions fields the trainer has no option for: their DataOptions defaults apply to every run.
+DATA_FIELDS_WITHOUT_OPTION = ("random_samples",)
+
+
+def data_fields_from_config(data_fields, config_fields, without_option=DATA_FIELDS_WITHOUT_OPTION) -> tuple[str, ...]:
+    """The DataOptions fields that TrainConfig fills, by name. TypeError unless every other one is listed in
+    `without_option`: renaming an option on one side only would otherwise send its value nowhere, and the
+    run would quietly use DataOptions' default instead of what the user set."""
+    unmatched = [name for name in data_fields if name not in config_fields]
+    if sorted(unmatched) != sorted(without_option):
+        raise TypeError(f"DataOptions fields without a TrainConfig option of the same name: {unmatched}; "
+                        f"only {list(without_option)} may lack one (rename both sides, or list the field in "
+                        f"DATA_FIELDS_WITHOUT_OPTION)")
+    return tuple(name for name in data_fields if name in config_fields)
+
+
+# checked at import: a mismatch stops every trainer command, and the tests, at once
+DATA_OPTION_FIELDS = data_fields_from_config([f.name for f in dataclasses.fields(DataOptions)],
+                                             [f.name for f in dataclasses.fields(TrainConfig)])
+
+
 def data_options(cfg: TrainConfig) -> DataOptions:
-    """The data-related fields of the config (the two share field names)."""
-    names = {f.name for f in dataclasses.fields(DataOptions)} & {f.name for f in dataclasses.fields(TrainConfig)}
-    return DataOptions(**{name: getattr(cfg, name) for name in names})
+    """The data-related fields of the config (`DATA_OPTION_FIELDS`: the two share field names)."""
+    return DataOptions(**{name: getattr(cfg, name) for name in DATA_OPTION_FIELDS})
 
 
 def build_data(cfg: TrainConfig, splits: tuple[str, ...]) -> tuple[list[str], dict]:

@@ -58,29 +58,29 @@ trainer_stop() {  # the trainer must exit promptly after --stop-after, loader wo
 case $stage in
 check)
   step tests-gpu 420 $PY -m pytest -q -p no:cacheprovider -n 8 --maxfail 30 tests --ignore tests/test_aot_compile.py -rfEs
-  step compare-smoke 120 $PY -m emim_triton.bench compare --shape 2,4,14,14,5,64,7 --no-tune --rep-ms 20 --warmup-ms 5 \
+  step compare-smoke 120 $PY -m emim_triton.bench_cli compare --shape 2,4,14,14,5,64,7 --no-tune --rep-ms 20 --warmup-ms 5 \
     --json "$RESULTS/compare-smoke.json" --plot "$RESULTS/compare-smoke.png"
-  step autotune-smoke 120 env EMIM_TRITON_CACHE=/tmp/emim-cache $PY -m emim_triton.bench autotune \
+  step autotune-smoke 120 env EMIM_TRITON_CACHE=/tmp/emim-cache $PY -m emim_triton.bench_cli autotune \
     --shape 2,4,14,14,5,64,7 --max-configs 3 --rep-ms 10 --warmup-ms 5
   step models-smoke 150 $PY bench/models_gpu.py --steps 3 --warmup 2 --batch 2
   step bench-smoke 120 $PY -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-max-time 0.05 -x
   ;;
 measure)
   export EMIM_TRITON_CACHE=$RESULTS/cache
-  step autotune-s16 170 $PY -m emim_triton.bench autotune --model emim_uniformer_s16 --dtype bf16 --max-configs 10 \
+  step autotune-s16 170 $PY -m emim_triton.bench_cli autotune --model emim_uniformer_s16 --dtype bf16 --max-configs 10 \
     --write-defaults
-  step autotune-gen 90 $PY -m emim_triton.bench autotune --shape 2,16,64,64,8,64,7 --dtype bf16 --max-configs 8 \
+  step autotune-gen 90 $PY -m emim_triton.bench_cli autotune --shape 2,16,64,64,8,64,7 --dtype bf16 --max-configs 8 \
     --write-defaults
   cp emim_triton/tuned/tuned_configs.json "$RESULTS/tuned_configs.json"; pack
-  step compare 280 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --sweep 7,28 \
+  step compare 280 $PY -m emim_triton.bench_cli compare --dtype bf16 --no-tune --sweep 7,28 \
     --json "$RESULTS/compare.json" --csv "$RESULTS/compare.csv" --plot "$RESULTS/compare.png"
   ;;
 models)
   step tests-gpu 90 $PY -m pytest -q -p no:cacheprovider -n 16 tests/test_kernels.py tests/test_convert.py \
     tests/test_models.py -k "low_precision or videomae or compile" -rfEs
-  step compare 150 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,reference --sweep 7,28 \
+  step compare 150 $PY -m emim_triton.bench_cli compare --dtype bf16 --no-tune --backends fused,reference --sweep 7,28 \
     --json "$RESULTS/compare.json" --csv "$RESULTS/compare.csv" --plot "$RESULTS/compare.png"
-  step compare-compiled 150 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,compiled \
+  step compare-compiled 150 $PY -m emim_triton.bench_cli compare --dtype bf16 --no-tune --backends fused,compiled \
     --shape 32,16,14,14,5,64,7 --json "$RESULTS/compare-compiled.json"
   step models 120 $PY bench/models_gpu.py --which videomae,uniformer --steps 4 --warmup 1 --json "$RESULTS/models.json"
   ;;
@@ -94,7 +94,7 @@ train)
   ;;
 extra)
   trainer_stop
-  step compare-flex 95 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,flex \
+  step compare-flex 95 $PY -m emim_triton.bench_cli compare --dtype bf16 --no-tune --backends fused,flex \
     --shape 32,16,14,14,5,64,7 --json "$RESULTS/compare-flex.json"
   ;;
 reliability)
@@ -112,9 +112,9 @@ uniformer)
 variants)
   step tests-variants 200 $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_variants_kernels.py \
     tests/test_variants_reference.py tests/test_streaming.py -rfEs
-  step compare-prev 120 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,reference \
+  step compare-prev 120 $PY -m emim_triton.bench_cli compare --dtype bf16 --no-tune --backends fused,reference \
     --shape 32,16,14,14,5,64,7 --direction prev --json "$RESULTS/compare-prev.json"
-  step compare-dilated 120 $PY -m emim_triton.bench compare --dtype bf16 --no-tune --backends fused,reference \
+  step compare-dilated 120 $PY -m emim_triton.bench_cli compare --dtype bf16 --no-tune --backends fused,reference \
     --shape 2,16,64,64,8,64,7 --dilation 2 --json "$RESULTS/compare-dilated.json"
   step streaming 120 $PY bench/streaming.py --json "$RESULTS/streaming.json"
   ;;

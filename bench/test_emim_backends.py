@@ -1,6 +1,6 @@
 """Each backend of `emim-bench compare`, forward and forward+backward, on the default GPU cases.
 
-Same inputs, checks and competitors as `emim-bench compare` (emim_triton/bench/compare.py), in
+Same inputs, checks and competitors as `emim-bench compare` (emim_triton/bench_cli/compare.py), in
 pytest-benchmark's form for tracking runs over time (--benchmark-save, --benchmark-compare). Its clock
 is the host's, around a call and a device synchronize; the CUDA-event medians of `emim-bench compare`
 are the numbers to quote. The fused op runs the configurations the op resolves (tuning cache, shipped
@@ -10,10 +10,10 @@ defaults or heuristic): run `emim-bench autotune` first to time it tuned.
 import pytest
 import torch
 
-from emim_triton.bench.backends import BACKENDS, make_op, unavailable
-from emim_triton.bench.cases import GPU_CASES
-from emim_triton.bench.compare import forward_call, make_input_set, training_call
-from emim_triton.bench.timing import Rotating
+from emim_triton.bench_cli.backends import BACKENDS, make_op, unavailable
+from emim_triton.bench_cli.cases import GPU_CASES
+from emim_triton.bench_cli.compare import forward_call, make_input_set, training_call
+from emim_triton.bench_cli.timing import Rotating
 from emim_triton.cost_model import MODES, emim_cost
 
 DTYPE = torch.bfloat16

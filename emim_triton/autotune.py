@@ -41,7 +41,7 @@ import triton
 import triton.testing  # not always imported by `import triton`
 
 from .checks import EMIMShape
-from .configs import EMIMConfigs, KERNELS, candidate_configs, default_configs, interpreter_configs
+from .launch_configs import EMIMConfigs, KERNELS, candidate_configs, default_configs, interpreter_configs
 from . import triton_backend
 from .environment import interpreter_enabled
 from .testing import INPUT_NAMES, SAME_FUNCTION_RTOL, make_inputs, relative_error

@@ -190,8 +190,8 @@ def check_options(scale, pad_value) -> None:
         raise ValueError(f"emim_attention: pad_value must be finite, got {pad_value!r}")
 
 
-DIRECTIONS = ("next", "prev")  # SPEC "Variants beyond the paper": the paper's pairing, and the causal one
-AUTHORS_CONTEXT_CHANNELS = 32  # the only restriction SPEC defines: the authors' kernels' 32 channels per head
+DIRECTIONS = ("next", "prev")  # docs/operation.md#variants-beyond-the-paper: the paper's pairing, and the causal one
+AUTHORS_CONTEXT_CHANNELS = 32  # the only restriction docs/operation.md defines: the authors' kernels' 32 channels per head
 
 
 def check_variant(direction, dilation, authors_context_channels) -> None:
@@ -200,7 +200,7 @@ def check_variant(direction, dilation, authors_context_channels) -> None:
     direction: "next" (frame t attends to frame t+1, the paper) or "prev" (frame t attends to frame t-1:
     causal). dilation: an int >= 1, the spacing of the window entries in tokens; a bool or a float such as
     2.0 is refused rather than truncated. authors_context_channels: None (off) or 32, the authors' context
-    over channels 0..31 of each head (SPEC "Variant: the authors' 32-channel context").
+    over channels 0..31 of each head (docs/operation.md#context-channel-switch).
     """
     if not isinstance(direction, str) or direction not in DIRECTIONS:
         raise ValueError(f"emim_attention: direction must be one of {DIRECTIONS} (\"next\": frame t attends to "

@@ -1,6 +1,6 @@
 """The cost model of EMIM: floating-point operations and the fewest bytes, forward and backward.
 
-The one home of these counts (SPEC.md "Cost"): the benchmark CLI and bench/ROOFLINE.md read them from
+The one home of these counts (docs/operation.md#cost): the benchmark CLI and bench/ROOFLINE.md read them from
 here, and so should any other FLOP count of the op. Conventions, decided once:
 
 FLOPs count the products and sums of the matrix-like parts (a multiply-add is 2 FLOPs); the softmax,

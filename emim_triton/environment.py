@@ -11,6 +11,20 @@ import os
 # What `emim_attention(..., backend=)` and `EMIM(backend=)` accept.
 BACKENDS = ("auto", "triton", "reference")
 
+# The fused forward's two strategies: the offset loop on CUDA cores (the default, measured on an H200), and the
+# tensor-core halo kernel (kernels/forward_tensor_core.py: modelled 6x faster at S16 stage 3, not yet measured
+# or validated in bf16 on a GPU, so it runs only when asked for).
+FORWARD_STRATEGY_ENV = "EMIM_TRITON_FORWARD"
+FORWARD_STRATEGIES = ("offset_loop", "tensor_core")
+
+
+def requested_forward_strategy() -> str:
+    """The forward strategy EMIM_TRITON_FORWARD asks for ("offset_loop" when unset)."""
+    value = os.environ.get(FORWARD_STRATEGY_ENV, "") or "offset_loop"
+    if value not in FORWARD_STRATEGIES:
+        raise ValueError(f"{FORWARD_STRATEGY_ENV} must be one of {FORWARD_STRATEGIES} (or unset), got {value!r}")
+    return value
+
 
 def interpreter_enabled() -> bool:
     """True when Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1, read when triton is

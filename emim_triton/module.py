@@ -43,7 +43,7 @@ class EMIM(nn.Module):
     Each query of frame t attends to the K x K window centred on its own position in frame t + 1 (frame
     t - 1 with direction="prev"; entries ``dilation`` tokens apart); the raw affinity row of that window
     (a cost volume) is also mapped by a small MLP into motion features that are added to the attention
-    output. See SPEC.md or README "The operation" for the exact definition.
+    output. See docs/operation.md for the exact definition.
 
     Args:
         dim: channels C of the tokens; split into ``num_heads`` heads of ``dim // num_heads`` channels,

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import autotune, triton_backend
+from . import autotune, tensor_core_forward, triton_backend
 from .checks import EMIMShape
 from .cost_model import emim_cost
+from .environment import requested_forward_strategy
 
 
 @torch.library.custom_op("emim_triton::emim_forward", mutates_args=())
@@ -30,6 +31,10 @@ def emim_forward_op(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, w1: Tensor, b1
     (B, pairs, H, W, heads) float32, the only thing the backward keeps besides the inputs."""
     shape = EMIMShape.of(q, rpb)
     variant = triton_backend.Variant(direction, dilation, context_channels)
+    if requested_forward_strategy() == "tensor_core" and tensor_core_forward.supports(shape, q.dtype, variant):
+        # Same outputs (out, and the lse the backward kernels consume): the backward is shared.
+        return tensor_core_forward.forward_tensor_core(q, k, v, rpb, w1, b1, w2, b2, shape, scale, pad_value,
+                                                       store_lse=True, variant=variant)
     configs = autotune.resolve_configs(shape, q.dtype).configs
     return triton_backend.forward(q, k, v, rpb, w1, b1, w2, b2, shape, scale, pad_value, configs, store_lse=True,
                                   variant=variant)

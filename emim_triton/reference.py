@@ -1,6 +1,6 @@
 """Plain-PyTorch EMIM: the oracle for the kernels and the CPU path of the library.
 
-It follows ../SPEC (see README "The operation") line by line, written for reading, not speed:
+It follows docs/operation.md line by line, written for reading, not speed:
 
     for every query (b, t, y, x, head), with tq, tk from `frame_pairs`:
             direction "next": tq = min(t, T-2), tk = tq + 1   (tq = tk = 0 when T = 1)
@@ -119,7 +119,7 @@ class _KeepGradientChannels(torch.autograd.Function):
     """Identity whose backward keeps only the gradient's first `channels` channels (the rest zero).
 
     The authors' switch: their q, k, v backward kernels covered channels 0..31 of each head only, so q, k
-    and v got no gradient beyond them, from the context and the motion path alike (SPEC: deliberately not
+    and v got no gradient beyond them, from the context and the motion path alike (docs/operation.md: deliberately not
     the gradient of the forward). Applied to q, k and v, this leaves every other gradient as autograd
     computes it for the switch's forward. The backward is itself differentiable (a slice and a pad).
     """

@@ -34,7 +34,7 @@ REFERENCE_RTOL = {
 FP32_KERNEL_RTOL = 1e-5
 
 # Two units of tf32 rounding (unit roundoff 2**-11): on a GPU the kernels run the motion MLP's products on
-# tensor cores with tf32-rounded operands when the inputs are fp16/bf16 (float32 accumulation, SPEC.md),
+# tensor cores with tf32-rounded operands when the inputs are fp16/bf16 (float32 accumulation, docs/operation.md),
 # where the reference multiplies in full float32.
 TF32_ALLOWANCE = 2.0 ** -10
 
@@ -124,7 +124,7 @@ def _normal(generator: torch.Generator, shape: tuple, std: float, dtype, device)
 
 
 def local_next_frame_attention(q, k, v, rpb, scale, pad_value):
-    """EMIM without its motion term (W2 = b2 = 0, a freshly initialised layer), written from SPEC.md with
+    """EMIM without its motion term (W2 = b2 = 0, a freshly initialised layer), written from docs/operation.md with
     shifted slices, independently of `emim_triton.reference`.
 
     Output frame t: the queries of frame tq = min(t, T-2) attend to the K x K window centred on their own

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .checks import AUTHORS_CONTEXT_CHANNELS, DIRECTIONS, EMIMShape
-from .configs import EMIMConfigs, RowConfig, TileConfig, padded_head_dim, padded_window_area
+from .launch_configs import EMIMConfigs, RowConfig, TileConfig, padded_head_dim, padded_window_area
 from .kernels.backward_key_value import emim_backward_key_value_kernel
 from .kernels.backward_query import emim_backward_query_kernel
 from .kernels.backward_weights import emim_backward_weights_kernel
@@ -52,7 +52,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """Which EMIM the kernels compute (SPEC "Variants beyond the paper" and "the authors' 32-channel context").
+    """Which EMIM the kernels compute (docs/operation.md#variants-beyond-the-paper and #context-channel-switch).
 
     direction: "next" (query frame t attends to frame t+1; T-1 pairs, output frame T-1 copies T-2) or "prev"
         (t attends to t-1, frame 0 to itself; all T pairs, no copy). A single frame attends to itself.

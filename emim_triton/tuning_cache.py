@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .checks import EMIMShape
-from .configs import EMIMConfigs, KERNELS, RowConfig, TileConfig, next_power_of_2
+from .launch_configs import EMIMConfigs, KERNELS, RowConfig, TileConfig, next_power_of_2
 
 FORMAT = 1
 CACHE_ENV = "EMIM_TRITON_CACHE"

@@ -29,7 +29,7 @@ def load_model(name: str, checkpoint: str | None = None, device: str = "cpu", ba
     is read off the checkpoint's head, so a model trained on any number of classes loads as it was.
     ``emim_options`` (``direction``, ``dilation``) configure the model's EMIM layers."""
     from .models import create_model
-    from .models.checkpoint import read_state_dict
+    from .models.pretrained import read_state_dict
 
     state = read_state_dict(checkpoint) if checkpoint else None
     num_classes = state["head.weight"].shape[0] if state is not None and "head.weight" in state else None

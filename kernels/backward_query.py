@@ -17,7 +17,7 @@ never leak into tl.dot's. Frame pairs and dilated windows as in the forward kern
 
 With the authors' 32-channel context (context_channels < D) the forward's context is zero in channels
 >= context_channels, so only g's channels below it enter dp; the motion path sees all of g. dq is then zeroed
-in channels >= context_channels, as the authors' kernels left it (SPEC: deliberately not the gradient of
+in channels >= context_channels, as the authors' kernels left it (docs/operation.md: deliberately not the gradient of
 that forward); everything else is the ordinary gradient.
 """
 

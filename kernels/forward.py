@@ -11,7 +11,7 @@ Keys and values outside the frame are `pad_value` in every channel (not masked).
 a backward will follow, the float32 log-sum-exp of each softmax row) is written to global memory: the
 K²-wide affinities and the 4K²-wide hidden layer live in registers.
 
-Variants (SPEC "Variants beyond the paper"; the defaults are the paper's op): with direction "next" the key
+Variants (docs/operation.md#variants-beyond-the-paper; the defaults are the paper's op): with direction "next" the key
 frame is tk = tq + 1, the last output frame is a copy of the one before it, so T-1 frame pairs are computed
 and the last pair is written twice; with "prev" tk = tq - 1 (frame 0: itself) and all T pairs are computed.
 Window entry (i, j) is displacement ((i - r) d, (j - r) d) for dilation d. With context_channels < D (the

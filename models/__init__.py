@@ -5,7 +5,7 @@
     model.default_cfg  # frames, size, mean, std the model expects
 """
 
-from .checkpoint import LoadReport, load_pretrained
+from .pretrained import LoadReport, load_pretrained
 from .flops import FlopCount, count_flops, count_params, emim_forward_flops, register_flop_formulas
 from .registry import create_model, get_model_cfg, list_models, register_model
 from .uniformer import UniFormer  # also registers the UniFormer / EMIM-UniFormer models

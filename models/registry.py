@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from .checkpoint import load_pretrained
+from .pretrained import load_pretrained
 
 # Defaults every entry starts from. Mean 0.45 / std 0.225 per channel is the normalisation of the
 # UniFormer and EMIM video checkpoints (PySlowFast convention); 400 classes = Kinetics-400.

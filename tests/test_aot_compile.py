@@ -16,7 +16,7 @@ import torch
 
 from emim_triton.aot import CompileJob, aot_supported, compile_jobs
 from emim_triton.checks import EMIMShape
-from emim_triton.configs import default_configs
+from emim_triton.launch_configs import default_configs
 from emim_triton.triton_backend import DEFAULT_VARIANT, Variant, example_launches
 from helpers import AOT_REPORT, SHARED_MEMORY_LIMIT
 

@@ -15,7 +15,7 @@ import triton
 from emim_triton import autotune, triton_backend
 from emim_triton.aot import aot_supported, compile_for_gpu
 from emim_triton.checks import EMIMShape
-from emim_triton.configs import (KERNELS, MIN_DOT_DIM, candidate_configs, default_configs, estimate_resources,
+from emim_triton.launch_configs import (KERNELS, MIN_DOT_DIM, candidate_configs, default_configs, estimate_resources,
                                  interpreter_configs, tile_efficiency)
 from emim_triton.tuning_cache import (DeviceId, TuningCache, TuningCacheWarning, add_to_shipped_defaults,
                                       configs_to_json, entry_key, read_shipped_defaults, shape_bucket,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from emim_triton.bench.cli import main
+from emim_triton.bench_cli.cli import main
 from emim_triton.checks import EMIMShape
 from emim_triton.cost_model import emim_cost, flops_per_query
 
@@ -41,7 +41,7 @@ def test_help(capsys, command):
 
 
 def test_module_entry_point():
-    done = subprocess.run([sys.executable, "-m", "emim_triton.bench", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "emim_triton.bench_cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage: emim-bench" in done.stdout
 
 
@@ -87,7 +87,7 @@ def test_autotune_list_needs_no_gpu(capsys):
 
 
 def test_cost_model_against_a_hand_count():
-    # SPEC.md: K = 7, D = 64 -> 6,272 + 6,272 + 19,208 + 25,088 FLOPs per query row and head.
+    # docs/operation.md: K = 7, D = 64 -> 6,272 + 6,272 + 19,208 + 25,088 FLOPs per query row and head.
     assert flops_per_query(7, 64) == {"qk": 6272, "av": 6272, "mlp_hidden": 19208, "mlp_out": 25088}
     # B=1, T=3, 4x5, 2 heads, D=16, K=3, bf16 activations and float32 parameters:
     #   rows: 1 batch * 2 pairs * 20 positions * 2 heads = 80
@@ -205,8 +205,8 @@ def test_compare_runs_the_compiled_reference_on_cpu(capsys, tmp_path):
 def test_compare_fills_the_fused_row_and_speedups(monkeypatch):
     """The fused row's path (configuration source, correctness check, timing, speed-ups), run on the
     interpreter here by lifting the no-GPU rule; its times mean nothing, only the report's form does."""
-    from emim_triton.bench import compare
-    from emim_triton.bench.cases import parse_shape
+    from emim_triton.bench_cli import compare
+    from emim_triton.bench_cli.cases import parse_shape
 
     if not torch.cuda.is_available():
         monkeypatch.setattr(compare, "unavailable", lambda backend, device, mode, variant=None: None)
@@ -228,7 +228,7 @@ def test_compare_fills_the_fused_row_and_speedups(monkeypatch):
 @pytest.fixture
 def no_run(monkeypatch):
     """Make any benchmark or tuning run fail the test: a bad output path must stop the command first."""
-    from emim_triton.bench import compare, tune
+    from emim_triton.bench_cli import compare, tune
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the command started its run despite a bad output path")
@@ -285,7 +285,7 @@ def test_autotune_checks_the_tuning_cache_directory_before_tuning(capsys, tmp_pa
 
 
 def test_static_is_a_subcommand_and_checks_its_output_paths_first(tmp_path, capsys, monkeypatch):
-    from emim_triton.bench import static
+    from emim_triton.bench_cli import static
 
     monkeypatch.setattr(static, "run", lambda args: pytest.fail("compiled before checking the output path"))
     with pytest.raises(SystemExit) as exit_info:
@@ -296,7 +296,7 @@ def test_static_is_a_subcommand_and_checks_its_output_paths_first(tmp_path, caps
 def test_compare_measures_the_variant_it_is_asked_for(capsys, tmp_path, monkeypatch):
     """--direction/--dilation reach every backend and the float64 check; a backend that implements only the
     paper's op (FlexAttention) says so instead of timing something else."""
-    from emim_triton.bench import compare as compare_module
+    from emim_triton.bench_cli import compare as compare_module
 
     seen = []
     real_reference = compare_module.emim_reference

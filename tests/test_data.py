@@ -13,8 +13,8 @@ from emim_triton.data import annotations as ann
 from emim_triton.data.build import DataOptions, DatasetError, build_dataset, read_classes
 from emim_triton.data.dataset import ClipDataset, UnreadableVideoWarning, collate
 from emim_triton.data.readers import FrameFolderReader, ReadError, VideoFileReader, VideoRecord
-from emim_triton.data.samplers import ShardedSampler
-from emim_triton.data.sampling import dense_indices, segment_indices
+from emim_triton.data.sharded_sampler import ShardedSampler
+from emim_triton.data.frame_sampling import dense_indices, segment_indices
 from emim_triton.data.seeding import generator
 from emim_triton.data.transforms import EvalTransform, TrainTransform, random_resized_box, eval_crop_boxes
 from video_helpers import decoded_frame_numbers, write_jpeg_folder, write_video

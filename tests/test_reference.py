@@ -1,4 +1,4 @@
-"""The PyTorch reference against SPEC.md, read independently: a per-position Python loop, gradcheck, and the
+"""The PyTorch reference against docs/operation.md, read independently: a per-position Python loop, gradcheck, and the
 reference's own promises (chunking, strided views, dtypes, autocast, NaN)."""
 
 import itertools
@@ -13,7 +13,7 @@ SHAPES = [pytest.param(shape, id=name) for name, shape in TINY_SHAPES]
 
 
 def naive_emim(q, k, v, rpb, w1, b1, w2, b2, scale, pad_value):
-    """SPEC.md "Per output position", one query at a time, in float64. Slow; tiny shapes only."""
+    """docs/operation.md#per-position-definition, one query at a time, in float64. Slow; tiny shapes only."""
     B, T, H, W, heads, D = q.shape
     K = rpb.shape[-1]
     r = K // 2

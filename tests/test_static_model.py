@@ -3,7 +3,7 @@ instructions by trip counts, and the JSON report.
 
 One real compile (a tiny kernel with two nested runtime loops, for sm_80, in a child process under the
 interpreter); the rest works on listings written here and on the kernels' source. The calibration against
-the H200 measurements compiles the four EMIM kernels (tens of seconds): `python -m emim_triton.bench.static`.
+the H200 measurements compiles the four EMIM kernels (tens of seconds): `python -m emim_triton.bench_cli.static`.
 """
 
 import inspect
@@ -15,10 +15,10 @@ import triton
 import triton.language as tl
 
 from emim_triton.aot import CompiledKernelInfo, aot_supported
-from emim_triton.bench.gpus import GPUS
-from emim_triton.bench.sass import instruction_class, mma_work, parse_sass
-from emim_triton.bench.static import StaticReport, model_kernel, model_launches, occupancy, write_json
-from emim_triton.bench.trips import source_loops
+from emim_triton.bench_cli.gpus import GPUS
+from emim_triton.bench_cli.sass import instruction_class, mma_work, parse_sass
+from emim_triton.bench_cli.static import StaticReport, model_kernel, model_launches, occupancy, write_json
+from emim_triton.bench_cli.trips import source_loops
 from emim_triton.checks import EMIMShape
 from emim_triton.triton_backend import KernelLaunch, example_launches
 from emim_triton.tuning_cache import configs_from_json, entry_key, read_shipped_defaults

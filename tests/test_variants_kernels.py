@@ -1,4 +1,4 @@
-"""The fused kernels' variants (SPEC "Variants beyond the paper", "the authors' 32-channel context") against
+"""The fused kernels' variants (docs/operation.md#variants-beyond-the-paper, #context-channel-switch) against
 the float64 reference: direction "prev", dilation, authors_context_channels=32; forward and all eight
 gradients.
 

@@ -1,5 +1,5 @@
-"""The reference's variants (SPEC "Variants beyond the paper", "Variant: the authors' 32-channel context"):
-direction "prev", dilation, and the authors' switch, against a plain per-position loop written from SPEC's
+"""The reference's variants (docs/operation.md#variants-beyond-the-paper, #context-channel-switch):
+direction "prev", dilation, and the authors' switch, against a plain per-position loop written from docs/operation.md's
 pseudo-code; its gradients, causality, and the option checks of the op on both backends."""
 
 import pytest
@@ -12,7 +12,7 @@ from helpers import make_inputs
 
 def loop_emim(q, k, v, rpb, w1, b1, w2, b2, *, direction="next", dilation=1, context_channels=None,
               pad_value=1e-6):
-    """SPEC's per-position pseudo-code, one (t, y, x) at a time (batch and heads vectorised), in float64.
+    """docs/operation.md's per-position pseudo-code, one (t, y, x) at a time (batch and heads vectorised), in float64.
 
     Independent of the reference's code: no window gather, no frame-pair helper; differentiable.
     """

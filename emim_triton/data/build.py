@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from . import annotations as ann
 from .dataset import ClipDataset, RandomClipDataset
 from .readers import FrameFolderReader, VideoFileReader, VideoRecord
-from .sampling import SAMPLINGS
+from .frame_sampling import SAMPLINGS
 from .transforms import EvalTransform, TrainTransform
 
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .readers import ReadError, VideoRecord
-from .sampling import dense_indices, segment_indices
+from .frame_sampling import dense_indices, segment_indices
 from .seeding import derive_seed, generator
 from .transforms import EvalTransform, TrainTransform
 

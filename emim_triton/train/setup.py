@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from emim_triton.data.build import DataOptions, build_dataset, read_classes
 from emim_triton.data.dataset import collate
-from emim_triton.data.samplers import ShardedSampler
+from emim_triton.data.sharded_sampler import ShardedSampler
 from emim_triton.data.seeding import derive_seed
 from emim_triton.environment import interpreter_enabled
 from emim_triton.functional import resolve_backend

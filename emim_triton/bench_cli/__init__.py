@@ -1,6 +1,6 @@
 """`emim-bench`: autotune the fused kernels, compare them with what users would use instead, show the roofline.
 
-    cli.py        the command line (`emim-bench`, `python -m emim_triton.bench`)
+    cli.py        the command line (`emim-bench`, `python -m emim_triton.bench_cli`)
     cases.py      the shapes: defaults, --shape, --model (read from the model zoo)
     tune.py       the autotune command (the tuner itself is emim_triton/autotune.py)
     compare.py    the compare command: every backend on the same inputs, checked, timed

@@ -34,7 +34,7 @@ class BenchCase:
                     K=s.window, layers=self.layers)
 
 
-# The EMIM layers of EMIM-UniFormer-S16 and -B16 at 224 px, 16 frames (SPEC.md "Where it sits"): S and B
+# The EMIM layers of EMIM-UniFormer-S16 and -B16 at 224 px, 16 frames (docs/operation.md#place-in-uniformer): S and B
 # share these shapes (B is only deeper), so one case per stage covers both. Batch 32 as in training. Plus a
 # generation-style clip: few videos, a large 64x64 latent map.
 GPU_CASES = (

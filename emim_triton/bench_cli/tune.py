@@ -10,7 +10,7 @@ import torch
 import triton
 
 from .. import autotune
-from ..configs import KERNELS, candidate_configs, default_configs
+from ..launch_configs import KERNELS, candidate_configs, default_configs
 from ..tuning_cache import SHIPPED_DEFAULTS, add_to_shipped_defaults, configs_to_json, entry_key
 from .cases import BenchCase
 from .progress import ProgressBar

@@ -1,4 +1,4 @@
-"""The `emim-bench` command line (also `python -m emim_triton.bench`).
+"""The `emim-bench` command line (also `python -m emim_triton.bench_cli`).
 
     emim-bench roofline [--shape B,T,H,W,heads,D,K | --model NAME] [--dtype bf16] [--gpu h200]
     emim-bench autotune [--shape ... | --model NAME] [--dtype bf16] [--max-configs 64] [--list]

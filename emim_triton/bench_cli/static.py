@@ -1,6 +1,6 @@
 """`emim-bench static`: the fused kernels' GPU time predicted from their SASS, without a GPU.
 
-    python -m emim_triton.bench.static [--shape B,T,H,W,heads,D,K] [--dtype bf16] [--gpu h200]
+    python -m emim_triton.bench_cli.static [--shape B,T,H,W,heads,D,K] [--dtype bf16] [--gpu h200]
                                        [--configs shipped|heuristic] [--json FILE] [--sass-dir DIR]
 
 For each of the op's four launches at a shape (`triton_backend.example_launches`), with the configurations
@@ -260,7 +260,7 @@ def _cache_key(job: CompileJob) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `emim-bench static` (also `python -m emim_triton.bench.static`)."""
+    """The options of `emim-bench static` (also `python -m emim_triton.bench_cli.static`)."""
     from .cases import parse_shape
 
     def shape(text: str):
@@ -279,21 +279,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--sass-dir", metavar="DIR", help="also write each kernel's SASS listing there")
     parser.add_argument("--no-cache", action="store_true", help="compile again even if cached")
+    parser.add_argument("--forward", choices=("offset_loop", "tensor_core"), default="offset_loop",
+                        help="the forward strategy to model (default offset_loop, what the op runs unless "
+                             "EMIM_TRITON_FORWARD=tensor_core)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..configs import default_configs
+    from ..launch_configs import default_configs
     from ..triton_backend import example_launches
     from ..tuning_cache import DeviceId, configs_from_json, default_cache_dir, entry_key, read_shipped_defaults
 
     gpu, shape, dtype = GPUS[args.gpu], args.shape, DTYPES[args.dtype]
     configs = default_configs(shape.height, shape.width, shape.window, shape.head_dim, dtype)
-    source, measured = "heuristic (emim_triton/configs.py)", {}
+    source, measured = "heuristic (emim_triton/launch_configs.py)", {}
     if args.configs == "shipped":
         device = DeviceId(gpu.device_name, divmod(gpu.arch, 10))
         entry = read_shipped_defaults().get(device.slug, {}).get(entry_key(shape, dtype))
         if entry is None:
-            source = f"heuristic (emim_triton/configs.py): nothing shipped for the {gpu.name} at this shape"
+            source = f"heuristic (emim_triton/launch_configs.py): nothing shipped for the {gpu.name} at this shape"
         else:
             configs = configs_from_json(entry)
             info = entry.get("info", {})
@@ -302,6 +305,15 @@ def run(args: argparse.Namespace) -> int:
             if tuple(info.get("shape", ())) == tuple(vars(shape).values()):
                 measured = {role: k["ms"] for role, k in info.get("kernels", {}).items() if "ms" in k}
     launches = example_launches(shape, dtype, configs)
+    if args.forward == "tensor_core":
+        from ..tensor_core_forward import example_launch, supports
+
+        if not supports(shape, dtype):
+            print("emim-bench static: the tensor-core forward does not take this shape and dtype (it runs fp16/bf16, "
+                  "K <= 7); the op would use the offset loop", file=sys.stderr)
+            return 2
+        launches["forward"] = example_launch(shape, dtype)
+        measured.pop("forward", None)  # the shipped timing is the offset loop's
     try:
         kernels = model_launches(launches, gpu, cache_dir=None if args.no_cache else default_cache_dir() / "static",
                                  sass_dir=Path(args.sass_dir) if args.sass_dir else None, measured=measured)
@@ -310,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     context = dict(shape=dict(zip(("B", "T", "H", "W", "heads", "D", "K"), vars(shape).values())), dtype=args.dtype,
                    arch=gpu.arch, configs_source=source,
-                   configs={role: getattr(configs, role).as_dict() for role in launches},
+                   configs={role: getattr(configs, role).as_dict() for role in launches}, forward_strategy=args.forward,
                    triton=triton.__version__, measured_source="the autotuner's timing in the shipped entry" if measured
                    else None)
     report = StaticReport(gpu, kernels, context)
@@ -364,7 +376,7 @@ def format_report(report: StaticReport) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emim_triton.bench.static",
+    parser = argparse.ArgumentParser(prog="python -m emim_triton.bench_cli.static",
                                      description="Predict the fused kernels' GPU time from their SASS (no GPU needed).")
     add_arguments(parser)
     return run(parser.parse_args(argv))

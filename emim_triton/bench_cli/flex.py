@@ -19,7 +19,7 @@ depends only on H, W and K and is built once per shape, outside the timed region
 The motion MLP needs the raw affinity rows, which FlexAttention does not return, so they are computed a
 second time as a cost volume: F.unfold of the padded key frame gives each query's K² keys, an einsum with
 q gives a = scale * q.k + rpb, and two F.linear's with QuickGELU give the motion features. As in
-the reference (and SPEC.md's precision rule), the cost volume and the MLP are computed in float32.
+the reference (and docs/operation.md#precision), the cost volume and the MLP are computed in float32.
 """
 
 from __future__ import annotations

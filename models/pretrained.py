@@ -116,7 +116,7 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *
             motion MLP and rpb) and unexpected keys — for "this must be exactly my architecture".
         verbose: print the report.
         authors_context_channels: 32 switches every EMIM layer of the model to the authors' 32-channel
-            context (SPEC "A quirk of the authors' CUDA kernels"): for checkpoints trained with the EMIM
+            context (docs/operation.md#authors-32-channel-quirk): for checkpoints trained with the EMIM
             authors' code, whose outputs it then reproduces. None leaves the layers as they were built.
     Returns:
         a `LoadReport`.

@@ -161,6 +161,16 @@ def check_inputs(q, k, v, rpb, w1, b1, w2, b2) -> EMIMShape:
     return EMIMShape(B, T, H, W, heads, D, K)
 
 
+def require_positive_int(value, name: str, owner: str, meaning: str = "") -> None:
+    """TypeError unless `value` is an int (numpy integers too; not a bool, not a float such as 2.0, which
+    int() would silently truncate), ValueError unless it is >= 1; both name `owner`'s argument `name`."""
+    expected = f"an int >= 1{f' ({meaning})' if meaning else ''}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be {expected}, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be {expected}, got {value!r}")
+
+
 def _is_real_number(x) -> bool:
     """A plain real number: int or float (numpy scalars included), but not bool and not a tensor."""
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor))
@@ -205,12 +215,7 @@ def check_variant(direction, dilation, authors_context_channels) -> None:
     if not isinstance(direction, str) or direction not in DIRECTIONS:
         raise ValueError(f"emim_attention: direction must be one of {DIRECTIONS} (\"next\": frame t attends to "
                          f"frame t+1, the paper; \"prev\": to frame t-1, causal), got {direction!r}")
-    if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral):
-        raise TypeError(f"emim_attention: dilation must be an int >= 1, got {type(dilation).__name__} "
-                        f"{dilation!r}")
-    if dilation < 1:
-        raise ValueError(f"emim_attention: dilation must be an int >= 1 (1: adjacent window entries, the "
-                         f"paper), got {dilation!r}")
+    require_positive_int(dilation, "dilation", "emim_attention", "1: adjacent window entries, the paper")
     if authors_context_channels is not None and (
             isinstance(authors_context_channels, bool)
             or not isinstance(authors_context_channels, numbers.Integral)

@@ -6,7 +6,7 @@ import torch
 
 from .checks import check_fused_inputs, check_inputs, check_options, check_variant
 from .environment import BACKENDS, interpreter_enabled
-from .reference import emim_reference
+from .reference import emim_reference_checked
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -57,8 +57,8 @@ def emim_attention(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, 
         scale = q.shape[-1] ** -0.5
     variant = dict(direction=direction, dilation=int(dilation))
     if resolve_backend(backend, q.device) == "reference":
-        return emim_reference(q, k, v, rpb, w1, b1, w2, b2, scale=scale, pad_value=pad_value,
-                              authors_context_channels=authors_context_channels, **variant)
+        return emim_reference_checked(q, k, v, rpb, w1, b1, w2, b2, scale=scale, pad_value=pad_value,
+                                      authors_context_channels=authors_context_channels, **variant)
     check_fused_inputs(q, interpreter_enabled())
     from .ops import emim_fused  # imported here: the reference path must not need a Triton build
 

@@ -21,12 +21,11 @@ few hundred MB.
 from __future__ import annotations
 
 import contextlib
-import numbers
 
 import torch
 import torch.nn.functional as F
 
-from .checks import check_inputs, check_options, check_variant
+from .checks import EMIMShape, check_inputs, check_options, check_variant, require_positive_int
 
 # Upper bound on the elements of one chunk's gathered key (or value) windows: 2**24 float32 = 64 MB.
 _WINDOW_ELEMENTS_PER_CHUNK = 1 << 24
@@ -137,14 +136,8 @@ class _KeepGradientChannels(torch.autograd.Function):
 
 def _check_chunk_pairs(chunk_pairs) -> None:
     """chunk_pairs must be None or a positive int: 0 or less would compute no chunk at all."""
-    if chunk_pairs is None:
-        return
-    if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, numbers.Integral):
-        raise TypeError(f"emim_reference: chunk_pairs must be None or a positive int (frame pairs per chunk), "
-                        f"got {type(chunk_pairs).__name__} {chunk_pairs!r}")
-    if chunk_pairs < 1:
-        raise ValueError(f"emim_reference: chunk_pairs must be None or a positive int (frame pairs per chunk), "
-                         f"got {chunk_pairs}")
+    if chunk_pairs is not None:
+        require_positive_int(chunk_pairs, "chunk_pairs", "emim_reference", "frame pairs per chunk, or None")
 
 
 def _select_frames(x: torch.Tensor, frames: list[int]) -> torch.Tensor:
@@ -182,10 +175,20 @@ def emim_reference(q, k, v, rpb, w1, b1, w2, b2, *, scale=None, pad_value=1e-6, 
     Returns:
         (B, T, H, W, heads, D) contiguous, dtype of q.
     """
-    shape = check_inputs(q, k, v, rpb, w1, b1, w2, b2)
+    check_inputs(q, k, v, rpb, w1, b1, w2, b2)
     check_options(scale, pad_value)
     _check_chunk_pairs(chunk_pairs)
     check_variant(direction, dilation, authors_context_channels)
+    return emim_reference_checked(q, k, v, rpb, w1, b1, w2, b2, scale=scale, pad_value=pad_value,
+                                  chunk_pairs=chunk_pairs, direction=direction, dilation=dilation,
+                                  authors_context_channels=authors_context_channels)
+
+
+def emim_reference_checked(q, k, v, rpb, w1, b1, w2, b2, *, scale, pad_value, chunk_pairs=None, direction="next",
+                           dilation=1, authors_context_channels=None):
+    """`emim_reference` on inputs its checks have already accepted (`emim_attention` checks once, then calls
+    this): the same arguments and result."""
+    shape = EMIMShape.of(q, rpb)
     B, T, H, W, heads, D = q.shape
     if scale is None:
         scale = D ** -0.5

@@ -316,3 +316,8 @@ def test_compare_measures_the_variant_it_is_asked_for(capsys, tmp_path, monkeypa
     rows = {r["backend"]: r for r in report["rows"]}
     assert rows["reference"]["status"] == "ok" and rows["reference"]["rel_err"] < 1e-5
     assert rows["flex"]["status"] == "skipped" and "paper's op only" in rows["flex"]["note"]
+
+
+def test_static_refuses_to_model_the_tensor_core_forward_where_the_op_would_not_run_it(capsys):
+    status, _, err = run_cli(capsys, "static", "--forward", "tensor_core", "--dtype", "fp32")
+    assert status == 2 and "does not take this shape and dtype" in err

@@ -126,3 +126,22 @@ def test_double_backward_works_on_the_reference():
     (grad_q,) = torch.autograd.grad(out.square().sum(), inputs["q"], create_graph=True)
     grad_q.sum().backward()
     assert inputs["w1"].grad is not None and torch.isfinite(inputs["w1"].grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_are_checked_once_per_call(backend, monkeypatch):
+    """emim_attention checks once and hands checked inputs down; nothing below it checks again."""
+    import emim_triton.checks as checks
+    import emim_triton.functional as functional
+    import emim_triton.reference as reference
+
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return checks.check_inputs(*args)
+
+    for module in (functional, reference):
+        monkeypatch.setattr(module, "check_inputs", counting)
+    emim_attention(**make_inputs(*SHAPE), backend=backend)
+    assert len(calls) == 1

@@ -13,12 +13,12 @@ INPUTS = make_inputs(2, 4, 3, 3, 1, 16, 3)
 
 @pytest.mark.parametrize("chunk_pairs", [0, -1])
 def test_chunk_pairs_below_one_is_a_value_error(chunk_pairs):
-    with pytest.raises(ValueError, match=rf"chunk_pairs must be None or a positive int.*got {chunk_pairs}$"):
+    with pytest.raises(ValueError, match=rf"chunk_pairs must be an int >= 1.*got {chunk_pairs}$"):
         emim_reference(**INPUTS, chunk_pairs=chunk_pairs)
 
 
 @pytest.mark.parametrize("chunk_pairs", [2.0, "2", True, torch.tensor(2)], ids=["float", "str", "bool", "tensor"])
 def test_chunk_pairs_not_an_int_is_a_type_error(chunk_pairs):
-    with pytest.raises(TypeError, match=r"chunk_pairs must be None or a positive int"):
+    with pytest.raises(TypeError, match=r"chunk_pairs must be an int >= 1"):
         emim_reference(**INPUTS, chunk_pairs=chunk_pairs)
 

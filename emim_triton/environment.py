@@ -16,14 +16,27 @@ BACKENDS = ("auto", "triton", "reference")
 # or validated in bf16 on a GPU, so it runs only when asked for).
 FORWARD_STRATEGY_ENV = "EMIM_TRITON_FORWARD"
 FORWARD_STRATEGIES = ("offset_loop", "tensor_core")
+# The same choice for the query side of the backward (kernels/backward_query_tensor_core.py; the key/value and
+# weights kernels are shared).
+BACKWARD_STRATEGY_ENV = "EMIM_TRITON_BACKWARD"
+BACKWARD_STRATEGIES = ("offset_loop", "tensor_core")
+
+
+def _requested_strategy(variable: str, strategies: tuple[str, ...]) -> str:
+    value = os.environ.get(variable, "") or strategies[0]
+    if value not in strategies:
+        raise ValueError(f"{variable} must be one of {strategies} (or unset), got {value!r}")
+    return value
 
 
 def requested_forward_strategy() -> str:
     """The forward strategy EMIM_TRITON_FORWARD asks for ("offset_loop" when unset)."""
-    value = os.environ.get(FORWARD_STRATEGY_ENV, "") or "offset_loop"
-    if value not in FORWARD_STRATEGIES:
-        raise ValueError(f"{FORWARD_STRATEGY_ENV} must be one of {FORWARD_STRATEGIES} (or unset), got {value!r}")
-    return value
+    return _requested_strategy(FORWARD_STRATEGY_ENV, FORWARD_STRATEGIES)
+
+
+def requested_backward_strategy() -> str:
+    """The query-side backward strategy EMIM_TRITON_BACKWARD asks for ("offset_loop" when unset)."""
+    return _requested_strategy(BACKWARD_STRATEGY_ENV, BACKWARD_STRATEGIES)
 
 
 def interpreter_enabled() -> bool:

@@ -247,9 +247,13 @@ def fold_last_frame_grad(grad_out: torch.Tensor, shape: EMIMShape, variant: Vari
 
 
 def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scale: float, pad_value: float,
-             configs: EMIMConfigs, variant: Variant = DEFAULT_VARIANT):
+             configs: EMIMConfigs, variant: Variant = DEFAULT_VARIANT, query_launch=None):
     """Gradients for (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype (the parameters' gradients
-    contiguous, whatever the parameters' own strides: autograd accepts any layout for a gradient)."""
+    contiguous, whatever the parameters' own strides: autograd accepts any layout for a gradient).
+
+    query_launch: another builder of the query-side launch with `backward_query_launch`'s arguments (the
+    tensor-core strategy, emim_triton/tensor_core_backward.py); it must write the same dq and scratch rows.
+    Passed in by the caller, so that this module imports nothing above it."""
     rpb, w1, b1, w2, b2 = contiguous_parameters(rpb, w1, b1, w2, b2)
     B, T, H, W, heads, D = q.shape
     device = q.device
@@ -265,8 +269,12 @@ def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scal
     scratch_shape = (B, pairs, H, W, heads, shape.window_area)
     affinity = new_buffer(scratch_shape, torch.float32, device)
     d_affinity = new_buffer(scratch_shape, torch.float32, device)
-    backward_query_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity, shape, scale,
-                          pad_value, configs.backward_query, variant)()
+    if query_launch is None:
+        backward_query_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity, shape, scale,
+                              pad_value, configs.backward_query, variant)()
+    else:
+        query_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity, shape, scale, pad_value,
+                     None, variant)()
     backward_key_value_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape, scale,
                               configs.backward_key_value, variant)()
 

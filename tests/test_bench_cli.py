@@ -321,3 +321,8 @@ def test_compare_measures_the_variant_it_is_asked_for(capsys, tmp_path, monkeypa
 def test_static_refuses_to_model_the_tensor_core_forward_where_the_op_would_not_run_it(capsys):
     status, _, err = run_cli(capsys, "static", "--forward", "tensor_core", "--dtype", "fp32")
     assert status == 2 and "does not take this shape and dtype" in err
+
+
+def test_static_refuses_to_model_the_tensor_core_backward_where_the_op_would_not_run_it(capsys):
+    status, _, err = run_cli(capsys, "static", "--backward", "tensor_core", "--shape", "2,4,14,14,2,64,9")
+    assert status == 2 and "tensor-core query backward does not take" in err

@@ -282,6 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward", choices=("offset_loop", "tensor_core"), default="offset_loop",
                         help="the forward strategy to model (default offset_loop, what the op runs unless "
                              "EMIM_TRITON_FORWARD=tensor_core)")
+    parser.add_argument("--backward", choices=("offset_loop", "tensor_core"), default="offset_loop",
+                        help="the query-side backward strategy to model (default offset_loop, what the op runs "
+                             "unless EMIM_TRITON_BACKWARD=tensor_core)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -314,6 +317,18 @@ def run(args: argparse.Namespace) -> int:
             return 2
         launches["forward"] = example_launch(shape, dtype)
         measured.pop("forward", None)  # the shipped timing is the offset loop's
+    if args.backward == "tensor_core":
+        from ..tensor_core_backward import example_launch as example_backward_launch
+        from ..tensor_core_backward import supports as backward_supports
+
+        if not backward_supports(shape, dtype):
+            print("emim-bench static: the tensor-core query backward does not take this shape and dtype (it runs "
+                  "fp16/bf16, K <= 7); the op would use the offset loop", file=sys.stderr)
+            return 2
+        launches["backward_query"] = example_backward_launch(shape, dtype)
+        measured.pop("backward_query", None)
+    tensor_core_roles = {role for role, wanted in (("forward", args.forward), ("backward_query", args.backward))
+                         if wanted == "tensor_core"}
     try:
         kernels = model_launches(launches, gpu, cache_dir=None if args.no_cache else default_cache_dir() / "static",
                                  sass_dir=Path(args.sass_dir) if args.sass_dir else None, measured=measured)
@@ -322,7 +337,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     context = dict(shape=dict(zip(("B", "T", "H", "W", "heads", "D", "K"), vars(shape).values())), dtype=args.dtype,
                    arch=gpu.arch, configs_source=source,
-                   configs={role: getattr(configs, role).as_dict() for role in launches}, forward_strategy=args.forward,
+                   configs={role: getattr(configs, role).as_dict() if role not in tensor_core_roles else
+                            {"strategy": "tensor_core (its own default configuration)"} for role in launches},
+                   forward_strategy=args.forward,
+                   backward_strategy=args.backward,
                    triton=triton.__version__, measured_source="the autotuner's timing in the shipped entry" if measured
                    else None)
     report = StaticReport(gpu, kernels, context)

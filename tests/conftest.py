@@ -7,6 +7,8 @@ conftest import time, and not inside a fixture.
 import os
 import shutil
 
+import pytest
+
 
 def _nvidia_gpu_present() -> bool:
     return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
@@ -29,3 +31,16 @@ def pytest_terminal_summary(terminalreporter):
         shown = {k: v for k, v in constexprs.items() if k != "DOT_PRECISION"}
         terminalreporter.write_line(f"{info.name:34} {info.arch:>3} {info.num_warps:>5} {info.num_stages:>6} "
                                     f"{info.shared_bytes:>9} {str(info.registers):>5} {str(info.spills):>7}  {shown}")
+
+
+@pytest.fixture
+def nan_poisoned_buffers(monkeypatch):
+    """Every buffer the fused kernels write starts as NaN (they are all floating point), so an element a
+    kernel forgets to write shows up as NaN and fails the comparison. Kernel test modules use it with
+    ``pytestmark = pytest.mark.usefixtures("nan_poisoned_buffers")``."""
+    import torch
+
+    from emim_triton import triton_backend
+
+    monkeypatch.setattr(triton_backend, "new_buffer",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))

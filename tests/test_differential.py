@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from emim_triton import emim_attention, emim_reference, triton_backend
+from emim_triton import emim_attention, emim_reference
 from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, low_precision_bound, make_inputs, relative_error,
                      test_device)
 from layouts import relaid
@@ -124,11 +124,8 @@ def check_case(case: Case) -> None:
         assert grads[n].dtype == inputs[n].dtype and grads[n].shape == inputs[n].shape, n
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_buffers(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an unwritten element fails the comparison."""
-    monkeypatch.setattr(triton_backend, "new_buffer",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+# Every buffer the kernels write starts as NaN (tests/conftest.py), so an unwritten element fails.
+pytestmark = pytest.mark.usefixtures("nan_poisoned_buffers")
 
 
 @pytest.mark.fused

@@ -8,7 +8,7 @@ kernel forgets to write shows up as NaN and fails the comparison.
 import pytest
 import torch
 
-from emim_triton import emim_attention, emim_reference, triton_backend
+from emim_triton import emim_attention, emim_reference
 from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, TINY_SHAPES, low_precision_bound, make_inputs,
                      relative_error, test_device)
 
@@ -17,13 +17,8 @@ DEVICE = test_device()
 SHAPES = [pytest.param(shape, id=name) for name, shape in TINY_SHAPES]
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_buffers(monkeypatch):
-    """Every buffer the kernels write starts as NaN (integer-free: all are floating point)."""
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_backend, "new_buffer", poisoned)
+# Every buffer the kernels write starts as NaN (tests/conftest.py), so an unwritten element fails.
+pytestmark = pytest.mark.usefixtures("nan_poisoned_buffers")
 
 
 def _fused_and_reference(inputs, grad_seed=1):

@@ -308,27 +308,20 @@ def run(args: argparse.Namespace) -> int:
             if tuple(info.get("shape", ())) == tuple(vars(shape).values()):
                 measured = {role: k["ms"] for role, k in info.get("kernels", {}).items() if "ms" in k}
     launches = example_launches(shape, dtype, configs)
-    if args.forward == "tensor_core":
-        from ..tensor_core_forward import example_launch, supports
+    from .. import tensor_core_backward, tensor_core_forward
 
-        if not supports(shape, dtype):
-            print("emim-bench static: the tensor-core forward does not take this shape and dtype (it runs fp16/bf16, "
-                  "K <= 7); the op would use the offset loop", file=sys.stderr)
+    strategies = (("forward", args.forward, tensor_core_forward, "forward"),
+                  ("backward_query", args.backward, tensor_core_backward, "query backward"))
+    tensor_core_roles = {role for role, wanted, _, _ in strategies if wanted == "tensor_core"}
+    for role, wanted, module, name in strategies:
+        if wanted != "tensor_core":
+            continue
+        if not module.supports(shape, dtype):
+            print(f"emim-bench static: the tensor-core {name} does not take this shape and dtype (it runs "
+                  f"fp16/bf16, K <= 7); the op would use the offset loop", file=sys.stderr)
             return 2
-        launches["forward"] = example_launch(shape, dtype)
-        measured.pop("forward", None)  # the shipped timing is the offset loop's
-    if args.backward == "tensor_core":
-        from ..tensor_core_backward import example_launch as example_backward_launch
-        from ..tensor_core_backward import supports as backward_supports
-
-        if not backward_supports(shape, dtype):
-            print("emim-bench static: the tensor-core query backward does not take this shape and dtype (it runs "
-                  "fp16/bf16, K <= 7); the op would use the offset loop", file=sys.stderr)
-            return 2
-        launches["backward_query"] = example_backward_launch(shape, dtype)
-        measured.pop("backward_query", None)
-    tensor_core_roles = {role for role, wanted in (("forward", args.forward), ("backward_query", args.backward))
-                         if wanted == "tensor_core"}
+        launches[role] = module.example_launch(shape, dtype)
+        measured.pop(role, None)  # the shipped timing is the offset loop's
     try:
         kernels = model_launches(launches, gpu, cache_dir=None if args.no_cache else default_cache_dir() / "static",
                                  sass_dir=Path(args.sass_dir) if args.sass_dir else None, measured=measured)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import autotune, tensor_core_backward, tensor_core_forward, triton_backend
+from . import autotune, tensor_core_backward, tensor_core_forward, tensor_core_key_value, triton_backend
 from .checks import EMIMShape
 from .cost_model import emim_cost
 from .environment import requested_backward_strategy, requested_forward_strategy
@@ -58,11 +58,14 @@ def emim_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Ten
     shape = EMIMShape.of(q, rpb)
     variant = triton_backend.Variant(direction, dilation, context_channels)
     configs = autotune.resolve_configs(shape, q.dtype).configs
-    query_launch = None
-    if requested_backward_strategy() == "tensor_core" and tensor_core_backward.supports(shape, q.dtype, variant):
-        query_launch = tensor_core_backward.backward_query_tensor_core_launch
+    query_launch = key_value_launch = None
+    if requested_backward_strategy() == "tensor_core":  # each side where its kernel takes the case
+        if tensor_core_backward.supports(shape, q.dtype, variant):
+            query_launch = tensor_core_backward.backward_query_tensor_core_launch
+        if tensor_core_key_value.supports(shape, q.dtype, variant):
+            key_value_launch = tensor_core_key_value.backward_key_value_tensor_core_launch
     return triton_backend.backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape, scale, pad_value, configs,
-                                   variant=variant, query_launch=query_launch)
+                                   variant=variant, query_launch=query_launch, key_value_launch=key_value_launch)
 
 
 @emim_backward_op.register_fake

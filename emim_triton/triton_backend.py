@@ -247,13 +247,14 @@ def fold_last_frame_grad(grad_out: torch.Tensor, shape: EMIMShape, variant: Vari
 
 
 def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scale: float, pad_value: float,
-             configs: EMIMConfigs, variant: Variant = DEFAULT_VARIANT, query_launch=None):
+             configs: EMIMConfigs, variant: Variant = DEFAULT_VARIANT, query_launch=None, key_value_launch=None):
     """Gradients for (q, k, v, rpb, w1, b1, w2, b2), each in its input's dtype (the parameters' gradients
     contiguous, whatever the parameters' own strides: autograd accepts any layout for a gradient).
 
     query_launch: another builder of the query-side launch with `backward_query_launch`'s arguments (the
     tensor-core strategy, emim_triton/tensor_core_backward.py); it must write the same dq and scratch rows.
-    Passed in by the caller, so that this module imports nothing above it."""
+    key_value_launch: likewise for the key/value side (emim_triton/tensor_core_key_value.py), the same dk, dv.
+    Both are passed in by the caller, so that this module imports nothing above it."""
     rpb, w1, b1, w2, b2 = contiguous_parameters(rpb, w1, b1, w2, b2)
     B, T, H, W, heads, D = q.shape
     device = q.device
@@ -275,8 +276,11 @@ def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scal
     else:
         query_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity, shape, scale, pad_value,
                      None, variant)()
-    backward_key_value_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape, scale,
-                              configs.backward_key_value, variant)()
+    if key_value_launch is None:
+        backward_key_value_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape, scale,
+                                  configs.backward_key_value, variant)()
+    else:
+        key_value_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape, scale, None, variant)()
 
     programs = weight_partial_programs(shape, configs.backward_weights, variant)
     dw1_partial = new_buffer((programs, shape.hidden, shape.window_area), torch.float32, device)

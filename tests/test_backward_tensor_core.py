@@ -197,15 +197,17 @@ def test_compiles_for_sm90_with_tensor_core_products_and_next_to_no_spills():
         assert any(line.startswith(product) for line in products), (product, products)
 
 
-def test_the_op_runs_the_tensor_core_query_backward_only_when_asked(monkeypatch):
-    """EMIM_TRITON_BACKWARD=tensor_core routes the fused backward's query side (fp16/bf16, K <= 7) to this
-    kernel; the key/value and weights kernels are shared; all eight gradients stay within the bound."""
-    from emim_triton import tensor_core_backward
+def test_the_op_runs_the_tensor_core_backward_only_when_asked(monkeypatch):
+    """EMIM_TRITON_BACKWARD=tensor_core routes the fused backward's query and key/value sides (fp16/bf16,
+    K <= 7) to the tensor-core kernels; the weights kernel is shared; all eight gradients stay within the
+    bound."""
+    from emim_triton import tensor_core_backward, tensor_core_key_value
 
     calls = []
-    real = tensor_core_backward.backward_query_tensor_core_launch
-    monkeypatch.setattr(tensor_core_backward, "backward_query_tensor_core_launch",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module, name in ((tensor_core_backward, "backward_query_tensor_core_launch"),
+                         (tensor_core_key_value, "backward_key_value_tensor_core_launch")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     inputs = make_inputs(1, 3, 4, 5, 2, 16, 3, dtype=torch.float16, device=test_device(), seed=23)
 
     def gradients():
@@ -219,7 +221,7 @@ def test_the_op_runs_the_tensor_core_query_backward_only_when_asked(monkeypatch)
     assert calls == []
     monkeypatch.setenv("EMIM_TRITON_BACKWARD", "tensor_core")
     grad_out, grads = gradients()
-    assert calls == [1]
+    assert calls == ["backward_query_tensor_core_launch", "backward_key_value_tensor_core_launch"]
     exact = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
     exact_grads = torch.autograd.grad(emim_reference(**exact), list(exact.values()), grad_out.double())
     own = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}

@@ -283,8 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the forward strategy to model (default offset_loop, what the op runs unless "
                              "EMIM_TRITON_FORWARD=tensor_core)")
     parser.add_argument("--backward", choices=("offset_loop", "tensor_core"), default="offset_loop",
-                        help="the query-side backward strategy to model (default offset_loop, what the op runs "
-                             "unless EMIM_TRITON_BACKWARD=tensor_core)")
+                        help="the backward strategy of the query and key/value kernels to model (default offset_loop, "
+                             "what the op runs unless EMIM_TRITON_BACKWARD=tensor_core)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,10 +308,11 @@ def run(args: argparse.Namespace) -> int:
             if tuple(info.get("shape", ())) == tuple(vars(shape).values()):
                 measured = {role: k["ms"] for role, k in info.get("kernels", {}).items() if "ms" in k}
     launches = example_launches(shape, dtype, configs)
-    from .. import tensor_core_backward, tensor_core_forward
+    from .. import tensor_core_backward, tensor_core_forward, tensor_core_key_value
 
     strategies = (("forward", args.forward, tensor_core_forward, "forward"),
-                  ("backward_query", args.backward, tensor_core_backward, "query backward"))
+                  ("backward_query", args.backward, tensor_core_backward, "query backward"),
+                  ("backward_key_value", args.backward, tensor_core_key_value, "key/value backward"))
     tensor_core_roles = {role for role, wanted, _, _ in strategies if wanted == "tensor_core"}
     for role, wanted, module, name in strategies:
         if wanted != "tensor_core":

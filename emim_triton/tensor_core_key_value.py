@@ -1,0 +1,99 @@
+"""The tensor-core key/value-side backward ("halo" strategy, ``kernels/backward_key_value_tensor_core.py``): the
+launch description and its support rule.
+
+A drop-in for ``triton_backend.backward_key_value_launch``: same arguments (plus the config), same outputs (dk
+and dv in k's and v's dtype, contiguous (B, T, H, W, heads, D), rows of the key frames that receive gradient,
+zero in channels >= context_channels), read from the same inputs (q, k, the folded float32 upstream gradient, the
+forward's lse and the query kernel's float32 dA rows). Only the launch configuration differs: a
+``tensor_core_forward.TensorCoreConfig`` (key tile, halo block rows, warps; its hidden chunk is unused here):
+`default_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import triton
+
+from .checks import EMIMShape
+from .launch_configs import padded_head_dim
+from .kernels.backward_key_value_tensor_core import emim_backward_key_value_tensor_core_kernel
+from .tensor_core_forward import TensorCoreConfig, default_tensor_core_config
+from .tensor_core_forward import supports as forward_supports
+from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision
+
+
+def supports(shape: EMIMShape, dtype: torch.dtype, variant: Variant = DEFAULT_VARIANT) -> bool:
+    """Whether this strategy is the one to run: the tensor-core forward's cases (fp16/bf16, no dilation,
+    K <= 7, any D, either context) with one query frame per key frame: direction "next", or any direction
+    at T = 1. Direction "prev" at T > 1 (key frame 0 also serves query frame 0) stays on today's kernel."""
+    return forward_supports(shape, dtype, variant) and variant.key_sources(shape) == 1
+
+
+def default_config(shape: EMIMShape) -> TensorCoreConfig:
+    """The forward's tiles, with 2-row halo blocks: this kernel keeps two (tile, block slots) float32 operands (P
+    and dA) and their tf32 splits live, and at 4 rows they spill (static model, H200, S16 stage 3 bf16: 432 B a
+    thread and 0.406 ms modelled; at 2 rows none and 0.345 ms)."""
+    return replace(default_tensor_core_config(shape), halo_block_rows=2)
+
+
+def backward_key_value_tensor_core_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape: EMIMShape,
+                                          scale: float, cfg: TensorCoreConfig | None = None,
+                                          variant: Variant = DEFAULT_VARIANT) -> KernelLaunch:
+    """The launch, with `triton_backend.backward_key_value_launch`'s arguments (rpb contiguous (heads, K, K);
+    grad_pairs, lse and d_affinity contiguous, as triton_backend.backward makes them) and a `TensorCoreConfig`
+    (None: `default_config`)."""
+    name = "backward_key_value_tensor_core_launch"
+    cfg = cfg or default_config(shape)
+    if not isinstance(cfg, TensorCoreConfig):
+        raise TypeError(f"{name}: cfg must be a TensorCoreConfig or None, got {type(cfg).__name__}")
+    if variant.dilation != 1:
+        raise ValueError(f"{name}: variant.dilation must be 1 (the halo strategy has no dilated windows), got "
+                         f"{variant.dilation}")
+    if variant.key_sources(shape) != 1:
+        raise ValueError(f"{name}: variant.direction must be 'next' when T > 1 (this kernel reads one query frame "
+                         f"per key frame; 'prev' gives key frame 0 two), got {variant.direction!r} at T = "
+                         f"{shape.frames}")
+    halo_h, halo_w = cfg.halo(shape.window)
+    block_rows = min(cfg.halo_block_rows, halo_h)
+    if block_rows * halo_w < 16:
+        raise ValueError(f"{name}: a halo block of {block_rows} x {halo_w} slots is below tl.dot's minimum of 16; "
+                         f"raise cfg.halo_block_rows (got {cfg.halo_block_rows})")
+    for arg, t in (("rpb", rpb), ("grad_pairs", grad_pairs), ("lse", lse), ("d_affinity", d_affinity),
+                   ("dk", dk), ("dv", dv)):
+        if not t.is_contiguous():  # the kernel indexes these by raw offsets
+            raise ValueError(f"{name}: {arg} must be contiguous (as triton_backend.backward makes it)")
+    key_frames = variant.key_frames(shape)
+    grid = (triton.cdiv(shape.height, cfg.tile_h) * triton.cdiv(shape.width, cfg.tile_w), shape.heads,
+            shape.batch * len(key_frames))
+    return KernelLaunch(
+        emim_backward_key_value_tensor_core_kernel, grid,
+        dict(q_ptr=q, k_ptr=k, rpb_ptr=rpb, grad_ptr=grad_pairs, lse_ptr=lse, d_affinity_ptr=d_affinity,
+             dk_ptr=dk, dv_ptr=dv, **_strides("q", q), **_strides("k", k),
+             T=shape.frames, H=shape.height, W=shape.width, HEADS=shape.heads, D=shape.head_dim,
+             num_pairs=variant.pairs(shape), key_frame_offset=variant.key_frame_offset(shape),
+             first_key_frame=key_frames.start, num_key_frames=len(key_frames),
+             context_channels=variant.kernel_context_channels(shape), scale=scale),
+        dict(WINDOW=shape.window, BLOCK_D=padded_head_dim(shape.head_dim), TILE_H=cfg.tile_h, TILE_W=cfg.tile_w,
+             HALO_H=halo_h, HALO_W=halo_w, HALO_BLOCK_ROWS=block_rows, DOT_PRECISION=dot_precision(q.dtype)),
+        cfg.num_warps, cfg.num_stages,
+    )
+
+
+def example_launch(shape: EMIMShape, dtype: torch.dtype, cfg: TensorCoreConfig | None = None, device="meta",
+                   variant: Variant = DEFAULT_VARIANT) -> KernelLaunch:
+    """The launch at `shape` on stand-in tensors (meta by default), q and k as strided views of one qkv projection
+    (as `triton_backend.example_launches` builds them): for compiling ahead of time and the static model."""
+    B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
+    qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
+    q, k, _ = qkv.view(B, T, H, W, 3, heads, D).unbind(4)
+    f32 = dict(dtype=torch.float32, device=device)
+    rpb = torch.empty((heads, shape.window, shape.window), **f32)
+    pairs = variant.pairs(shape)
+    grad_pairs = torch.empty((B, pairs, H, W, heads, D), **f32)
+    lse = torch.empty((B, pairs, H, W, heads), **f32)
+    d_affinity = torch.empty((B, pairs, H, W, heads, shape.window_area), **f32)
+    dk, dv = (torch.empty((B, T, H, W, heads, D), dtype=dtype, device=device) for _ in range(2))
+    return backward_key_value_tensor_core_launch(q, k, rpb, grad_pairs, lse, d_affinity, dk, dv, shape, D ** -0.5,
+                                                 cfg, variant)

@@ -1,0 +1,142 @@
+"""EMIM backward, key/value side, with the products on tensor cores: the "halo" strategy of the key/value kernel.
+
+Writes what kernels/backward_key_value.py writes (dk, dv in k's and v's dtype, contiguous (B, T, H, W, heads, D),
+zero in channels >= context_channels), for direction "next" (one query frame per key frame) without dilation.
+
+One program per TILE_H x TILE_W tile of keys of one key frame tk of one (batch, head). The queries whose windows
+cover a key of the tile form the halo around it: the window is centred, so key (y', x') is window entry
+(i, j) of the query at (y' + r - i, x' + r - j), and with halo slot (hy, hx) = query (y0 - r + hy, x0 - r + hx)
+that query is slot (ty + K-1-i, tx + K-1-j) for the tile's key (ty, tx): the mirrored window, again a K x K
+block of slots per key. The halo is walked in blocks of HALO_BLOCK_ROWS rows:
+
+    S        = K_tile @ Q_block^T                               (TILE, block slots) by tl.dot
+    P, dA    at each (key, slot) of the key's mirrored window: p = exp(scale S + rpb[o] - lse[slot]), dA the
+             query kernel's float32 dA[slot, o] (o = the key's window entry in that query's window); 0 elsewhere
+    dv      += P @ G_block,   dk += dA @ Q_block                (TILE, D) by tl.dot
+
+P and dA are formed directly in the halo layout (no gathers): each (key, slot) knows its window entry from the
+slot's offset to the key, so there is nothing to move between layouts; the price is elementwise work on every
+(key, slot) pair of the block, inside the window or not.
+
+Precision. S multiplies the 16-bit k and q themselves (exact products, float32 accumulation). dA @ Q takes a
+float32 dA and a 16-bit q (exact in tf32): dA is split into two tf32 values and multiplied twice
+(backward_query_tensor_core.split_dot). P @ G has two float32 operands (G is the folded float32 upstream
+gradient): three tf32 products, head·head + head·tail + tail·head (the tail·tail term is below float32's
+resolution). float32 inputs ("ieee" dots) take one exact product each.
+"""
+
+import triton
+import triton.language as tl
+
+from .backward_query_tensor_core import split, split_dot
+from .common import context_channel_mask, head_of_frame
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def split_dot_both(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b to about float32 accuracy for two float32 operands: three tf32 products of their (head, tail)
+    splits; "ieee" dots are exact already: one product."""
+    if DOT_PRECISION == "tf32":
+        a_head, a_tail = split(a, DOT_PRECISION)
+        b_head, b_tail = split(b, DOT_PRECISION)
+        return tl.dot(a_head, b_head, input_precision=DOT_PRECISION) \
+            + (tl.dot(a_head, b_tail, input_precision=DOT_PRECISION)
+               + tl.dot(a_tail, b_head, input_precision=DOT_PRECISION))
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def emim_backward_key_value_tensor_core_kernel(
+    q_ptr, k_ptr, rpb_ptr, grad_ptr, lse_ptr, d_affinity_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qt, stride_qy, stride_qx, stride_qn,
+    stride_kb, stride_kt, stride_ky, stride_kx, stride_kn,
+    T, H, W, HEADS, D, num_pairs, key_frame_offset, first_key_frame, num_key_frames, context_channels, scale,
+    WINDOW: tl.constexpr,          # K
+    BLOCK_D: tl.constexpr,         # D padded to a power of two >= 16
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    HALO_H: tl.constexpr, HALO_W: tl.constexpr,   # powers of two >= TILE + K - 1
+    HALO_BLOCK_ROWS: tl.constexpr,  # halo rows per step (a power of two dividing HALO_H)
+    DOT_PRECISION: tl.constexpr,   # "ieee" (float32 inputs) or "tf32"
+):
+    TILE: tl.constexpr = TILE_H * TILE_W
+    RADIUS: tl.constexpr = WINDOW // 2
+    WINDOW_AREA: tl.constexpr = WINDOW * WINDOW
+    BLOCK_SLOTS: tl.constexpr = HALO_BLOCK_ROWS * HALO_W
+    # Blocks past the last used halo row (TILE_H + K - 2) hold no query of any key's window: skipped.
+    USED_BLOCKS: tl.constexpr = (TILE_H + WINDOW - 2) // HALO_BLOCK_ROWS + 1
+
+    # Program axis 2 enumerates batch x the key frames that receive gradient; "next" has one query frame per
+    # key frame, tk - key_frame_offset (T = 1: the frame itself), which is also the pair index.
+    pid_tile, head, pid_key = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = pid_key // num_key_frames
+    tk = first_key_frame + pid_key % num_key_frames
+    tq = tk - key_frame_offset
+    tiles_w = tl.cdiv(W, TILE_W)
+    y0 = (pid_tile // tiles_w) * TILE_H
+    x0 = (pid_tile % tiles_w) * TILE_W
+
+    keys = tl.arange(0, TILE)
+    ty = keys // TILE_W
+    tx = keys % TILE_W
+    ky = y0 + ty
+    kx = x0 + tx
+    key_valid = (ky < H) & (kx < W)
+    channels = tl.arange(0, BLOCK_D)
+    channel_ok = channels < D
+
+    k_frame = head_of_frame(k_ptr, b, tk, head, stride_kb, stride_kt, stride_kn)
+    q_frame = head_of_frame(q_ptr, b, tq, head, stride_qb, stride_qt, stride_qn)
+    # Out-of-frame keys are loaded as 0: their P and dA are masked to 0 and their rows are not stored.
+    k = tl.load(k_frame + ky[:, None] * stride_ky + kx[:, None] * stride_kx + channels[None, :],
+                mask=key_valid[:, None] & channel_ok[None, :], other=0.0)
+    # The per-pair tensors (grad, lse, dA rows) are contiguous (B, pairs, H, W, heads, ...).
+    pair_index = b.to(tl.int64) * num_pairs + tq
+    grad_frame = grad_ptr + pair_index * (H * W * HEADS * D) + head * D
+    lse_frame = lse_ptr + pair_index * (H * W * HEADS) + head
+    d_affinity_frame = d_affinity_ptr + pair_index * (H * W * HEADS * WINDOW_AREA) + head * WINDOW_AREA
+
+    block_slots = tl.arange(0, BLOCK_SLOTS)
+    dk = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
+    for block in range(USED_BLOCKS):
+        first_row = block * HALO_BLOCK_ROWS
+        hy = first_row + block_slots // HALO_W
+        hx = block_slots % HALO_W
+        sy = y0 - RADIUS + hy
+        sx = x0 - RADIUS + hx
+        query_in_frame = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
+        row_mask = query_in_frame[:, None] & channel_ok[None, :]
+        q = tl.load(q_frame + sy[:, None] * stride_qy + sx[:, None] * stride_qx + channels[None, :], mask=row_mask,
+                    other=0.0)
+        position = sy * W + sx
+        g = tl.load(grad_frame + position[:, None] * (HEADS * D) + channels[None, :], mask=row_mask, other=0.0)
+        lse = tl.load(lse_frame + position * HEADS, mask=query_in_frame, other=0.0)
+
+        # The key's window entry (i, j) in this slot's query's window: the slot is at mirrored entry
+        # (K-1-i, K-1-j) of the key's.
+        i = (WINDOW - 1) - (hy[None, :] - ty[:, None])  # (TILE, BLOCK_SLOTS)
+        j = (WINDOW - 1) - (hx[None, :] - tx[:, None])
+        in_window = (i >= 0) & (i < WINDOW) & (j >= 0) & (j < WINDOW) & query_in_frame[None, :] \
+            & key_valid[:, None]
+        entry = tl.where(in_window, i * WINDOW + j, 0)
+        rpb = tl.load(rpb_ptr + head * WINDOW_AREA + entry, mask=in_window, other=0.0)
+        da = tl.load(d_affinity_frame + position[None, :].to(tl.int64) * (HEADS * WINDOW_AREA) + entry,
+                     mask=in_window, other=0.0)
+
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p = tl.where(in_window, tl.exp2((s * scale + rpb.to(tl.float32) - lse[None, :]) * LOG2E), 0.0)
+        dv += split_dot_both(p, g, DOT_PRECISION)
+        da_head, da_tail = split(da, DOT_PRECISION)
+        dk += split_dot(da_head, da_tail, q.to(tl.float32), DOT_PRECISION)
+    has_context = context_channel_mask(channels, context_channels)[None, :]
+    dk = tl.where(has_context, dk * scale, 0.0)
+    dv = tl.where(has_context, dv, 0.0)
+
+    # dk, dv are contiguous (B, T, H, W, heads, D).
+    offsets = (b.to(tl.int64) * T + tk) * (H * W * HEADS * D) + ((ky * W + kx) * HEADS + head)[:, None] * D \
+        + channels[None, :]
+    mask = key_valid[:, None] & channel_ok[None, :]
+    tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=mask)

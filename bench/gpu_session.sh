@@ -13,6 +13,9 @@
 #   bash bench/gpu_session.sh uniformer steps of EMIM-S16 and its twin at batch 8 with cudnn.benchmark on
 #                                       (models-s16.json), the profile of one EMIM-S16 step, and the
 #                                       trainer's own figure over 20 steps (issue 13: depthwise Conv3d layout)
+#   bash bench/gpu_session.sh tensorcore  the opt-in tensor-core kernels: their GPU tests (bf16 included, which
+#                                       the CPU interpreter cannot check), the kernel and differential tests with
+#                                       both switches on, compare at S16 stage 3 and the generation shape with them
 #   bash bench/gpu_session.sh variants  the causal and dilated op: GPU tests of the variants, compare
 #                                       --direction prev / --dilation 2 at S16 stage 3, and the per-frame
 #                                       streaming step's time and memory (bench/streaming.py)
@@ -22,7 +25,7 @@
 # machine lacks (PyAV, a recent setuptools) are installed from .whl/ when that folder exists.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-stage=${1:?usage: gpu_session.sh check|measure|models|train|extra|reliability|uniformer|variants}
+stage=${1:?usage: gpu_session.sh check|measure|models|train|extra|reliability|uniformer|variants|tensorcore}
 RESULTS=${RESULTS:-bench/results/gpu-session}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
@@ -108,6 +111,15 @@ uniformer)
   step trainer-s16-20 150 $PY -m emim_triton.train --dataset random --model emim_uniformer_s16 --num-classes 174 \
     --batch-size 8 --epochs 1 --warmup-epochs 0 --stop-after 20 --num-workers 4 --run-dir "$RESULTS/trainer-s16-20" \
     --no-progress --log-every 2
+  ;;
+tensorcore)
+  step tests-tensor-core 150 $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_forward_tensor_core.py \
+    tests/test_backward_tensor_core.py tests/test_key_value_tensor_core.py -rfEs
+  step tests-with-tensor-core 200 env EMIM_TRITON_FORWARD=tensor_core EMIM_TRITON_BACKWARD=tensor_core \
+    $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_differential.py tests/test_variants_kernels.py -rfEs
+  step compare-tensor-core 200 env EMIM_TRITON_FORWARD=tensor_core EMIM_TRITON_BACKWARD=tensor_core \
+    $PY -m emim_triton.bench_cli compare --dtype bf16 --no-tune --backends fused,reference \
+    --shape 32,16,14,14,5,64,7 --shape 2,16,64,64,8,64,7 --json "$RESULTS/compare-tensor-core.json"
   ;;
 variants)
   step tests-variants 200 $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_variants_kernels.py \

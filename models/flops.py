@@ -55,16 +55,22 @@ def _cpu_sdpa_formula(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs
 
 
 def register_flop_formulas() -> None:
-    """Teach `torch.utils.flop_counter` CPU flash SDPA (the fused EMIM op registers its own formula).
+    """Teach `torch.utils.flop_counter` CPU flash SDPA, and make sure the fused EMIM op's own formula (registered
+    beside the op, in emim_triton.ops) is in place.
 
-    Idempotent; called by `count_flops`. Call it yourself to use a plain ``FlopCounterMode`` on a model with
-    global attention on the CPU.
+    Idempotent; called by `count_flops`. Call it yourself before building a plain ``FlopCounterMode``: the
+    counter copies the formula registry when it is made, and the fused op's module is otherwise imported
+    lazily, during the first forward, which would be too late for that counter.
     """
     from torch.utils.flop_counter import flop_registry
 
     sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if sdpa_cpu not in flop_registry:
         register_flop_formula(sdpa_cpu)(_cpu_sdpa_formula)
+    try:
+        import emim_triton.ops  # noqa: F401  (registers the fused op and its FLOP formulas; needs Triton)
+    except ImportError:
+        pass  # no Triton: the reference path needs no formula
 
 
 @dataclass(frozen=True)

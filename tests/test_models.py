@@ -337,3 +337,18 @@ def test_load_pretrained_refuses_what_cannot_fit(tmp_path):
     report = load_pretrained(model, {**other, "patch_embed1.norm.bias": torch.zeros(16)}, verbose=False)
     assert "patch_embed1.norm.bias" in report.loaded and len(report.skipped) > 5
     assert all("cannot fit" in reason for reason in report.skipped.values())
+
+
+def test_the_first_count_in_a_process_includes_the_fused_op():
+    """FlopCounterMode copies the formula registry when it is made, and the fused op's module (which registers
+    the op's formula) is imported lazily at the first fused forward: count_flops must import it first."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom emim_triton import EMIM\nfrom emim_triton.models import count_flops\n"
+            "count = count_flops(EMIM(32, 2, window=3, backend='triton'), (torch.randn(1, 24, 32), (2, 3, 4)))\n"
+            "print(sorted(count.by_op))")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "emim_triton.emim_forward" in done.stdout, done.stdout

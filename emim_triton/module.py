@@ -341,7 +341,6 @@ class EMIMStream:
         emim = self.emim
         B, H, W = self._layout(x, frames)
         q, k, v = emim._split_heads(emim.qkv(x), (B, 1, H, W))
-        self.frames_seen += 1
         if emim.direction == "prev":
             # Frame 0 attends to itself; frame t to frame t - 1. Copies of k and v, so the frame's whole
             # qkv projection (q included) is not kept alive between calls.
@@ -370,7 +369,6 @@ class EMIMStream:
 
     def reset(self) -> None:
         """Forget every frame: the next call is the first frame of a new stream."""
-        self.frames_seen = 0
         self._size = None        # (B, H, W) of the first frame; later frames must match
         self._held_kv = None     # "prev": k, v of the previous frame
         self._pending = None     # "next": q (and, after the first frame only, k and v) of the newest frame

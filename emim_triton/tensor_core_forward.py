@@ -24,8 +24,9 @@ float32 activations keep float32 operands with the op's usual dot precision ("ie
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,7 +35,7 @@ from .checks import EMIMShape
 from .launch_configs import next_power_of_2, padded_head_dim
 from .kernels.forward_tensor_core import emim_forward_tensor_core_kernel
 from . import triton_backend
-from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, contiguous_parameters, dot_precision
+from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision
 
 LOG2E = 1.4426950408889634
 
@@ -73,9 +74,6 @@ class TensorCoreConfig:
     def hidden_pad(self, window: int) -> int:
         return triton.cdiv(4 * window * window, self.hidden_chunk) * self.hidden_chunk
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def default_tensor_core_config(shape: EMIMShape) -> TensorCoreConfig:
     """Tiles whose halo stays 16 x 16 slots while K allows (K <= 9: 8 x 8 queries; K <= 13: 4 x 4);
@@ -109,19 +107,25 @@ def mlp_operand_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
-def bias_table(rpb: torch.Tensor, cfg: TensorCoreConfig) -> torch.Tensor:
-    """(heads, tile queries, halo slots) float32: log2(e) * rpb[head, i, j] where the slot is entry (i, j)
-    of the query's window, -inf where the slot is outside it (the softmax then gives it no mass)."""
-    heads, window, _ = rpb.shape
-    halo_h, halo_w = cfg.halo(window)
-    device = rpb.device
-    ty, tx = (torch.arange(cfg.tile_h * cfg.tile_w, device=device).div(cfg.tile_w, rounding_mode="floor"),
-              torch.arange(cfg.tile_h * cfg.tile_w, device=device) % cfg.tile_w)
+@functools.lru_cache(maxsize=None)
+def _bias_layout(tile_h: int, tile_w: int, halo_h: int, halo_w: int, window: int, device: torch.device):
+    """(entry, inside): for each (tile query, halo slot), the window entry o = i*K + j the slot is (clamped), and
+    whether it is inside the query's window. Depends on the geometry only, so it is built once per geometry."""
+    ty, tx = (torch.arange(tile_h * tile_w, device=device).div(tile_w, rounding_mode="floor"),
+              torch.arange(tile_h * tile_w, device=device) % tile_w)
     sy, sx = (torch.arange(halo_h * halo_w, device=device).div(halo_w, rounding_mode="floor"),
               torch.arange(halo_h * halo_w, device=device) % halo_w)
     dy, dx = sy[None, :] - ty[:, None], sx[None, :] - tx[:, None]  # window entry (i, j) of each slot
     inside = (dy >= 0) & (dy < window) & (dx >= 0) & (dx < window)
     entry = (dy.clamp(0, window - 1) * window + dx.clamp(0, window - 1)).reshape(-1)
+    return entry, inside
+
+
+def bias_table(rpb: torch.Tensor, cfg: TensorCoreConfig) -> torch.Tensor:
+    """(heads, tile queries, halo slots) float32: log2(e) * rpb[head, i, j] where the slot is entry (i, j)
+    of the query's window, -inf where the slot is outside it (the softmax then gives it no mass)."""
+    heads, window, _ = rpb.shape
+    entry, inside = _bias_layout(cfg.tile_h, cfg.tile_w, *cfg.halo(window), window, rpb.device)
     values = rpb.float().reshape(heads, -1)[:, entry].reshape(heads, *inside.shape) * LOG2E
     return torch.where(inside, values, torch.full_like(values, float("-inf"))).contiguous()
 
@@ -183,8 +187,7 @@ def forward_tensor_core(q, k, v, rpb, w1, b1, w2, b2, shape: EMIMShape, scale: f
     """Like `triton_backend.forward`: (out, lse). out: q's dtype, contiguous (B, T, H, W, heads, D) including
     the copied last frame; lse: (B, pairs, H, W, heads) float32 log-sum-exp of each affinity row, or None."""
     cfg = cfg or default_tensor_core_config(shape)
-    rpb, w1, b1, w2, b2 = contiguous_parameters(rpb, w1, b1, w2, b2)
-    bias = bias_table(rpb, cfg)
+    bias = bias_table(rpb, cfg)  # both repack the parameters, whatever their strides
     w1p, b1p, w2p, b2p = pack_mlp(w1, b1, w2, b2, shape, cfg, q.dtype)
     B, T, H, W, heads, D = q.shape
     out = triton_backend.new_buffer((B, T, H, W, heads, D), q.dtype, q.device)

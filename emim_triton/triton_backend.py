@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .checks import AUTHORS_CONTEXT_CHANNELS, DIRECTIONS, EMIMShape
+from .checks import EMIMShape, check_variant
 from .launch_configs import EMIMConfigs, RowConfig, TileConfig, padded_head_dim, padded_window_area
 from .kernels.backward_key_value import emim_backward_key_value_kernel
 from .kernels.backward_query import emim_backward_query_kernel
@@ -66,14 +66,8 @@ class Variant:
     context_channels: int = 0
 
     def __post_init__(self):
-        # The public op checks these first (checks.check_variant); this guards direct calls of the custom op.
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"emim_attention: direction must be one of {DIRECTIONS}, got {self.direction!r}")
-        if isinstance(self.dilation, bool) or not isinstance(self.dilation, int) or self.dilation < 1:
-            raise ValueError(f"emim_attention: dilation must be an int >= 1, got {self.dilation!r}")
-        if self.context_channels not in (0, AUTHORS_CONTEXT_CHANNELS):
-            raise ValueError(f"emim_attention: context_channels must be 0 (all channels) or "
-                             f"{AUTHORS_CONTEXT_CHANNELS} (the authors' context), got {self.context_channels!r}")
+        # The public op checks these first; this guards direct calls of the custom op, by the same rule.
+        check_variant(self.direction, self.dilation, self.context_channels or None)
 
     def pairs(self, shape: EMIMShape) -> int:
         """(query frame, key frame) pairs computed: the query frames 0..pairs-1 (pair index = query frame)."""

@@ -8,6 +8,9 @@ import torch
 
 from ..checks import HEAD_DIM_RULE, SUPPORTED_HEAD_DIMS, SUPPORTED_WINDOWS, WINDOW_RULE, EMIMShape
 
+# The activation dtypes the commands take, by their command-line names.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 SHAPE_FIELDS = ("B", "T", "H", "W", "heads", "D", "K")
 
 

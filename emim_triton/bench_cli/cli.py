@@ -19,14 +19,16 @@ import sys
 
 import torch
 
+from ..checks import DIRECTIONS
 from ..cost_model import MODES
+from ..environment import BACKWARD_STRATEGIES, FORWARD_STRATEGIES
 from .backends import BACKENDS, DEFAULT_BACKENDS
-from .cases import BenchCase, cases_from_model, default_cases, parse_shape
+from .cases import DTYPES, BenchCase, cases_from_model, default_cases, parse_shape
 from ..output_paths import directory_problem, file_problem
-from . import static
+from .gpus import GPUS
 from .roofline import DATASHEETS, Ceilings, datasheet_ceilings
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STATIC_DEFAULT_SHAPE = "32,16,14,14,5,64,7"  # UniFormer-S16 stage 3, batch 32: the shape the H200 was tuned at
 MODE_ALIASES = {"forward": "forward", "fwd": "forward", "forward+backward": "forward+backward",
                 "fwd+bwd": "forward+backward", "training": "forward+backward"}
 
@@ -55,6 +57,13 @@ def _choices(allowed, aliases=None):
             raise argparse.ArgumentTypeError("the list is empty")
         return tuple(dict.fromkeys(picked))
     return parse
+
+
+def _at_least_one(text: str) -> int:
+    value = _positive_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -137,15 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the results as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: a bar chart per case and the scaling curve")
-    p.add_argument("--direction", choices=("next", "prev"), default="next",
+    p.add_argument("--direction", choices=DIRECTIONS, default="next",
                    help="the op's frame pairing: next (the paper's, default) or prev (causal)")
-    p.add_argument("--dilation", type=_positive_int, default=1, metavar="D", help="window dilation (default 1)")
+    p.add_argument("--dilation", type=_at_least_one, default=1, metavar="D", help="window dilation (default 1)")
 
     p = commands.add_parser("static", help="each kernel's GPU time predicted from its SASS (no GPU needed)",
                             description="Compile the op's kernels for a GPU on the CPU, count their SASS "
                                         "instructions weighted by loop trip counts, and model each kernel's time "
                                         "as the largest of the issue, tensor-core and memory floors.")
-    static.add_arguments(p)
+    p.add_argument("--shape", type=_shape, default=_shape(STATIC_DEFAULT_SHAPE), metavar="B,T,H,W,heads,D,K",
+                   help=f"the shape to model (default {STATIC_DEFAULT_SHAPE}, UniFormer-S16 stage 3)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="activation dtype (default bf16)")
+    p.add_argument("--gpu", choices=tuple(GPUS), default="h200", help="the GPU to model (default h200)")
+    p.add_argument("--configs", choices=("shipped", "heuristic"), default="shipped",
+                   help="launch configurations: those shipped for the GPU (the heuristic's where none is "
+                        "shipped for the shape) or the heuristic's (default shipped)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--sass-dir", metavar="DIR", help="also write each kernel's SASS listing there")
+    p.add_argument("--no-cache", action="store_true", help="compile again even if cached")
+    p.add_argument("--forward", choices=FORWARD_STRATEGIES, default=FORWARD_STRATEGIES[0],
+                   help="the forward strategy to model (default offset_loop, what the op runs unless "
+                        "EMIM_TRITON_FORWARD=tensor_core)")
+    p.add_argument("--backward", choices=BACKWARD_STRATEGIES, default=BACKWARD_STRATEGIES[0],
+                   help="the backward strategy of the query and key/value kernels to model (default offset_loop, "
+                        "what the op runs unless EMIM_TRITON_BACKWARD=tensor_core)")
     return parser
 
 
@@ -286,6 +310,8 @@ def _static(args, parser) -> int:
     check_output_files(parser, json=args.json)
     if args.sass_dir is not None and (problem := directory_problem(args.sass_dir)):
         parser.error(f"--sass-dir {args.sass_dir!r}: {problem}")
+    from . import static  # here: it imports Triton's compiler, which the other commands do not need
+
     return static.run(args)
 
 

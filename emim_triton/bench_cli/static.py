@@ -1,7 +1,9 @@
 """`emim-bench static`: the fused kernels' GPU time predicted from their SASS, without a GPU.
 
-    python -m emim_triton.bench_cli.static [--shape B,T,H,W,heads,D,K] [--dtype bf16] [--gpu h200]
-                                       [--configs shipped|heuristic] [--json FILE] [--sass-dir DIR]
+    emim-bench static [--shape B,T,H,W,heads,D,K] [--dtype bf16] [--gpu h200] [--configs shipped|heuristic]
+                      [--forward tensor_core] [--backward tensor_core] [--json FILE] [--sass-dir DIR]
+
+(its options are defined with the other commands' in cli.py, which imports this module only when it runs).
 
 For each of the op's four launches at a shape (`triton_backend.example_launches`), with the configurations
 shipped for the chosen GPU (or the heuristic's):
@@ -52,12 +54,11 @@ import torch
 import triton
 
 from ..aot import AOTCompileError, CompiledKernelInfo, CompileJob, compile_jobs, kernel_function
+from .cases import DTYPES
 from .gpus import GPUS, GPU
 from .sass import CLASSES, Listing, disassemble, mma_work, parse_sass
 from .trips import innermost_loop, source_loops
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_SHAPE = "32,16,14,14,5,64,7"  # UniFormer-S16 stage 3, batch 32: the shape the H200 was tuned and timed at
 LOW_OCCUPANCY_CTAS = 2  # at most this many CTAs per SM: too few warps to hide latency
 
 
@@ -259,40 +260,12 @@ def _cache_key(job: CompileJob) -> str:
 # --- the command --------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `emim-bench static` (also `python -m emim_triton.bench_cli.static`)."""
-    from .cases import parse_shape
-
-    def shape(text: str):
-        try:
-            return parse_shape(text).shape
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"bad --shape: {e}") from None
-
-    parser.add_argument("--shape", type=shape, default=shape(DEFAULT_SHAPE), metavar="B,T,H,W,heads,D,K",
-                        help=f"the shape to model (default {DEFAULT_SHAPE}, UniFormer-S16 stage 3)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="activation dtype (default bf16)")
-    parser.add_argument("--gpu", choices=tuple(GPUS), default="h200", help="the GPU to model (default h200)")
-    parser.add_argument("--configs", choices=("shipped", "heuristic"), default="shipped",
-                        help="launch configurations: those shipped for the GPU (the heuristic's where none is "
-                             "shipped for the shape) or the heuristic's (default shipped)")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    parser.add_argument("--sass-dir", metavar="DIR", help="also write each kernel's SASS listing there")
-    parser.add_argument("--no-cache", action="store_true", help="compile again even if cached")
-    parser.add_argument("--forward", choices=("offset_loop", "tensor_core"), default="offset_loop",
-                        help="the forward strategy to model (default offset_loop, what the op runs unless "
-                             "EMIM_TRITON_FORWARD=tensor_core)")
-    parser.add_argument("--backward", choices=("offset_loop", "tensor_core"), default="offset_loop",
-                        help="the backward strategy of the query and key/value kernels to model (default offset_loop, "
-                             "what the op runs unless EMIM_TRITON_BACKWARD=tensor_core)")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..launch_configs import default_configs
     from ..triton_backend import example_launches
     from ..tuning_cache import DeviceId, configs_from_json, default_cache_dir, entry_key, read_shipped_defaults
 
-    gpu, shape, dtype = GPUS[args.gpu], args.shape, DTYPES[args.dtype]
+    gpu, shape, dtype = GPUS[args.gpu], args.shape.shape, DTYPES[args.dtype]
     configs = default_configs(shape.height, shape.width, shape.window, shape.head_dim, dtype)
     source, measured = "heuristic (emim_triton/launch_configs.py)", {}
     if args.configs == "shipped":
@@ -385,14 +358,3 @@ def format_report(report: StaticReport) -> str:
         out.append(f"  mix: {mix}")
         out += [f"  note: {note}" for note in r.notes]
     return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emim_triton.bench_cli.static",
-                                     description="Predict the fused kernels' GPU time from their SASS (no GPU needed).")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

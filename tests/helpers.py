@@ -7,6 +7,9 @@ imports all of its helpers from one place.
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from emim_triton.testing import (FP32_KERNEL_RTOL, INPUT_NAMES, REFERENCE_RTOL, local_next_frame_attention,
@@ -40,3 +43,23 @@ def test_device() -> str:
 
 
 test_device.__test__ = False  # a helper, not a test, despite its name
+
+
+# Child processes compiling at once (when the test process interprets): the compiles are independent.
+AOT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def compile_params(params, launch_and_arch) -> dict:
+    """Test id -> CompiledKernelInfo (or the AOTCompileError compiling it raised) for pytest params, compiled
+    in one batch: under the interpreter every compile runs in a child process, and one batch starts them once
+    instead of once per test. `launch_and_arch(param)` gives the param's (KernelLaunch, arch). Skips when an
+    arch cannot be compiled here."""
+    from emim_triton.aot import CompileJob, aot_supported, compile_jobs
+
+    jobs = [launch_and_arch(p) for p in params]
+    for arch in sorted({arch for _, arch in jobs}):
+        supported, why = aot_supported(arch)
+        if not supported:
+            pytest.skip(why)
+    results = compile_jobs([CompileJob.of_launch(launch, arch) for launch, arch in jobs], workers=AOT_WORKERS)
+    return {p.id: result for p, result in zip(params, results)}

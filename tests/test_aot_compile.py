@@ -9,18 +9,15 @@ Under TRITON_INTERPRET=1 (set by conftest without a GPU) `compile_jobs` compiles
 started without it (`python -m emim_triton.aot`), all the launches in one batch, shared by the tests.
 """
 
-import os
 
 import pytest
 import torch
 
-from emim_triton.aot import CompileJob, aot_supported, compile_jobs
 from emim_triton.checks import EMIMShape
 from emim_triton.launch_configs import default_configs
 from emim_triton.triton_backend import DEFAULT_VARIANT, Variant, example_launches
-from helpers import AOT_REPORT, SHARED_MEMORY_LIMIT
+from helpers import AOT_REPORT, SHARED_MEMORY_LIMIT, compile_params
 
-# Largest shared memory one program may use (opt-in limit per block): A100 163 KB, H100/H200 227 KB.
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,19 +60,11 @@ def _params():
 
 PARAMS = list(_params())
 
-# Child processes compiling at once (when this process interprets): the compiles are independent.
-WORKERS = max(1, min(4, os.cpu_count() or 1))
-
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
     """Test id -> its CompiledKernelInfo, or the AOTCompileError compiling it raised."""
-    for arch in sorted({p.values[1] for p in PARAMS}):
-        supported, why = aot_supported(arch)
-        if not supported:
-            pytest.skip(why)
-    results = compile_jobs([CompileJob.of_launch(*p.values) for p in PARAMS], workers=WORKERS)
-    return {p.id: result for p, result in zip(PARAMS, results)}
+    return compile_params(PARAMS, lambda param: param.values)
 
 
 @pytest.mark.parametrize("launch, arch", PARAMS)

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from emim_triton.aot import (AOTCompileError, CompiledKernelInfo, CompileJob, _parse_ptxas_log, aot_supported,
-                             compile_for_gpu, compile_jobs, triton_compiles_here)
+from emim_triton.aot import (AOTCompileError, CompiledKernelInfo, CompileJob, _child_environment, _parse_ptxas_log,
+                             aot_supported, compile_for_gpu, compile_jobs, triton_compiles_here)
 
 SUPPORTED, REASON = aot_supported()
 needs_ptxas = pytest.mark.skipif(not SUPPORTED, reason=REASON)
@@ -156,10 +156,8 @@ def test_compile_under_the_interpreter_leaves_it_working():
 def test_command_line_answers_in_json_without_the_interpreter():
     """`python -m emim_triton.aot` reads jobs on stdin and answers each, in order, on stdout."""
     jobs = [JOBS["dot-8"].to_json(), JOBS["helper"].to_json()]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-m", "emim_triton.aot", "--jobs", "-", "--output", "-", "--cubin"],
-                          input=json.dumps(jobs), capture_output=True, text=True, env=env, timeout=300)
+                          input=json.dumps(jobs), capture_output=True, text=True, env=_child_environment(), timeout=300)
     assert done.returncode == 0, done.stderr
     error, helper = json.loads(done.stdout)
     assert "AOTCompileError" in error["error"]

@@ -13,14 +13,13 @@ import torch
 import triton
 
 from emim_triton import autotune, triton_backend
-from emim_triton.aot import aot_supported, compile_for_gpu
 from emim_triton.checks import EMIMShape
 from emim_triton.launch_configs import (KERNELS, MIN_DOT_DIM, candidate_configs, default_configs, estimate_resources,
                                  interpreter_configs, tile_efficiency)
 from emim_triton.tuning_cache import (DeviceId, TuningCache, TuningCacheWarning, add_to_shipped_defaults,
                                       configs_to_json, entry_key, read_shipped_defaults, shape_bucket,
                                       write_json_atomically)
-from helpers import AOT_REPORT, SHARED_MEMORY_LIMIT, test_device
+from helpers import AOT_REPORT, SHARED_MEMORY_LIMIT, compile_params, test_device
 
 STAGE3 = EMIMShape(32, 16, 14, 14, 5, 64, 7)
 STAGE4 = EMIMShape(32, 16, 7, 7, 8, 64, 7)
@@ -74,15 +73,25 @@ def _pruned_sample():
                                    id=f"K{shape.window}-D{shape.head_dim}-{str(dtype)[6:]}-sm{arch}-{kernel}-{cfg}")
 
 
-@pytest.mark.parametrize("shape, dtype, kernel, configs, arch", list(_pruned_sample()))
-def test_pruned_configs_pass_the_aot_compile_check(shape, dtype, kernel, configs, arch):
+PRUNED = list(_pruned_sample())
+
+
+def _pruned_launch(shape, dtype, kernel, configs, arch):
+    return triton_backend.example_launches(shape, dtype, configs)[kernel], arch
+
+
+@pytest.fixture(scope="module")
+def pruned_compiled() -> dict:
+    return compile_params(PRUNED, lambda param: _pruned_launch(*param.values))
+
+
+@pytest.mark.parametrize("shape, dtype, kernel, configs, arch", PRUNED)
+def test_pruned_configs_pass_the_aot_compile_check(pruned_compiled, request, shape, dtype, kernel, configs, arch):
     """Pruning never leaves a configuration that fails to compile or needs too much shared memory."""
-    supported, why = aot_supported(arch)
-    if not supported:
-        pytest.skip(why)
-    launch = triton_backend.example_launches(shape, dtype, configs)[kernel]
-    info = compile_for_gpu(launch.kernel, launch.args, launch.constexprs, arch=arch,
-                           num_warps=launch.num_warps, num_stages=launch.num_stages)
+    launch, _ = _pruned_launch(shape, dtype, kernel, configs, arch)
+    info = pruned_compiled[request.node.callspec.id]
+    if isinstance(info, Exception):
+        raise info
     AOT_REPORT.append((info, launch.constexprs))
     assert info.ptx_chars > 0
     assert info.shared_bytes <= SHARED_MEMORY_LIMIT[arch]

@@ -55,7 +55,7 @@ MAX_CONFIGS_ENV = "EMIM_TRITON_AUTOTUNE_MAX_CONFIGS"
 DEFAULT_MAX_CONFIGS_IN_JOB = 32
 
 
-def _kernel_version(folder=None) -> str:
+def kernel_version(folder=None) -> str:
     """A digest of the kernels' source (`folder`: the installed kernels by default): editing any kernel
     invalidates every tuning cache."""
     folder = folder if folder is not None else resources.files("emim_triton.kernels")
@@ -66,7 +66,7 @@ def _kernel_version(folder=None) -> str:
     return digest.hexdigest()[:16]
 
 
-KERNEL_VERSION = _kernel_version()
+KERNEL_VERSION = kernel_version()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ written as far as can be told in advance (the file system may still change, or f
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from typing import IO, Callable
 
 
 def file_problem(path: str | os.PathLike) -> str | None:
@@ -37,3 +40,33 @@ def directory_problem(path: str | os.PathLike) -> str | None:
     if not os.access(existing, os.W_OK):
         return f"{existing!r} is not writable"
     return None
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], prefix: str = ".tmp-") -> None:
+    """Replace `path` with what `write` puts into a binary file, whole or not at all: a temporary file (named
+    `prefix`...) in the same directory, flushed to disk, renamed over `path`, then the directory flushed,
+    because the rename is a change of the directory and is not durable until the directory is. Readers see
+    the old file or the new one, never a mix; an interrupted write leaves no temporary file behind, except
+    after a kill, which the owner of the directory cleans up by `prefix`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(path)[1], dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

@@ -19,11 +19,9 @@ they are measured configurations for known GPUs and are used when the user cache
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .checks import EMIMShape
+from .output_paths import write_atomic
 from .launch_configs import EMIMConfigs, KERNELS, RowConfig, TileConfig, next_power_of_2
 
 FORMAT = 1
@@ -202,19 +201,8 @@ class TuningCache:
 
 def write_json_atomically(path: Path, data: dict) -> None:
     """Write `data` as JSON to `path` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # leave no temporary file behind, whatever interrupted the write
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()), prefix=f".{Path(path).name}.")
 
 
 # --- Shipped defaults ------------------------------------------------------------------------------------

@@ -358,13 +358,13 @@ def test_editing_any_kernel_changes_the_kernel_version(tmp_path):
     kernels = [f for f in resources.files("emim_triton.kernels").iterdir() if f.name.endswith(".py")]
     for source in kernels:
         (tmp_path / source.name).write_bytes(source.read_bytes())
-    assert autotune._kernel_version(tmp_path) == autotune.KERNEL_VERSION  # a copy of the kernels digests the same
+    assert autotune.kernel_version(tmp_path) == autotune.KERNEL_VERSION  # a copy of the kernels digests the same
     (tmp_path / "notes.txt").write_text("not a kernel")
-    assert autotune._kernel_version(tmp_path) == autotune.KERNEL_VERSION
+    assert autotune.kernel_version(tmp_path) == autotune.KERNEL_VERSION
     for source in kernels:
         copy = tmp_path / source.name
         copy.write_bytes(source.read_bytes() + b"\n# edited\n")
-        assert autotune._kernel_version(tmp_path) != autotune.KERNEL_VERSION, f"editing {source.name}"
+        assert autotune.kernel_version(tmp_path) != autotune.KERNEL_VERSION, f"editing {source.name}"
         copy.write_bytes(source.read_bytes())
 
 

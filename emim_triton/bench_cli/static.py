@@ -54,6 +54,8 @@ import torch
 import triton
 
 from ..aot import AOTCompileError, CompiledKernelInfo, CompileJob, compile_jobs, kernel_function
+from ..autotune import kernel_version
+from ..tuning_cache import write_json_atomically
 from .cases import DTYPES
 from .gpus import GPUS, GPU
 from .sass import CLASSES, Listing, disassemble, mma_work, parse_sass
@@ -240,20 +242,16 @@ def compile_cached(jobs: dict, cache_dir: Path | None) -> dict:
             raise result
         found[role] = result
         if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_dir / f"{keys[role]}.json.{os.getpid()}"
-            tmp.write_text(json.dumps(result.to_json()))
-            os.replace(tmp, cache_dir / f"{keys[role]}.json")
+            write_json_atomically(cache_dir / f"{keys[role]}.json", result.to_json())
     return found
 
 
 def _cache_key(job: CompileJob) -> str:
     """The job (kernel, argument types and values, constexprs, options, arch), Triton's version and every
     source file beside the kernel's (its helpers live there)."""
-    digest = hashlib.sha256(json.dumps(job.to_json(), sort_keys=True).encode() + triton.__version__.encode())
     folder = Path(inspect.getsourcefile(kernel_function(job.kernel))).parent
-    for path in sorted(folder.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest = hashlib.sha256(json.dumps(job.to_json(), sort_keys=True).encode() + triton.__version__.encode()
+                            + kernel_version(folder).encode())
     return digest.hexdigest()[:32]
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from typing import IO, Callable
 
+from .. import output_paths
 from .config import ConfigError
 
 LOCK = ".emim-train.lock"
@@ -80,30 +80,10 @@ def release(lock: IO | None) -> None:
         lock.close()
 
 
-def fsync_directory(directory: str) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Replace `path` with what `write` puts into a binary file, whole or not at all."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=os.path.splitext(path)[1], dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    fsync_directory(directory)
+    """Replace `path` with what `write` puts into a binary file, whole or not at all; a killed write's
+    temporary file carries TEMPORARY_PREFIX, which `claim` removes."""
+    output_paths.write_atomic(path, write, prefix=TEMPORARY_PREFIX)
 
 
 def write_text(path: str, text: str) -> None:

@@ -225,12 +225,17 @@ def check_variant(direction, dilation, authors_context_channels) -> None:
                          f"got {authors_context_channels!r}")
 
 
+def fused_kernels_run_on(device: torch.device, interpreter: bool) -> bool:
+    """Whether the fused kernels run on `device`: CUDA, or the CPU when Triton's interpreter is on."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreter)
+
+
 def check_fused_inputs(q: torch.Tensor, interpreter: bool) -> None:
     """What the fused kernels add to `check_inputs`: their dtypes, and a device they run on (CUDA, or the CPU
     when Triton's interpreter is on)."""
     if q.dtype not in FUSED_DTYPES:
         raise TypeError(f"emim_attention: the triton backend takes float32, float16 or bfloat16 q, k, v; "
                         f"got {q.dtype} (use backend='reference' for float64)")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreter):
+    if not fused_kernels_run_on(q.device, interpreter):
         raise ValueError(f"emim_attention: backend='triton' needs CUDA tensors (or CPU tensors with "
                          f"TRITON_INTERPRET=1 set before triton is imported); q is on {q.device}")

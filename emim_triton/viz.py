@@ -153,13 +153,14 @@ _PICTURES = ("flow.png", "arrows.png", "motion.gif")
 def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks that need no model and no video, so that a bad flag costs nothing."""
     from .output_paths import directory_problem
+    from .checks import fused_kernels_run_on
     from .environment import interpreter_enabled
 
     missing = [flag for flag in ("model", "video", "out") if getattr(args, flag) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join('--' + m for m in missing)}")
     device = torch.device(args.device)
-    if args.backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreter_enabled()):
+    if args.backend == "triton" and not fused_kernels_run_on(device, interpreter_enabled()):
         parser.error(f"--backend triton runs the fused kernels on a CUDA GPU and --device is {args.device}; use "
                      f"--backend reference (or auto), or set TRITON_INTERPRET=1 for Triton's slow CPU interpreter")
     problem = directory_problem(args.out)

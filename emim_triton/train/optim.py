@@ -22,6 +22,13 @@ def scaled_lr(lr: float, global_batch: int, base_batch: int) -> float:
     return lr * global_batch / base_batch
 
 
+def peak_lr(cfg, world_size: int) -> tuple[int, float]:
+    """(global batch, peak learning rate) of a run: the batch over all processes and accumulation steps, and
+    the lr scaled to it."""
+    global_batch = cfg.batch_size * world_size * cfg.accum_steps
+    return global_batch, scaled_lr(cfg.lr, global_batch, cfg.lr_base_batch)
+
+
 def param_groups(model: nn.Module, weight_decay: float, lr_mult: dict[str, float] | None = None) -> list[dict]:
     """Parameter groups keyed by (weight decay, lr multiplier); each group carries ``lr_mult``.
 

@@ -17,12 +17,13 @@ from emim_triton.data.build import DataOptions, build_dataset, read_classes
 from emim_triton.data.dataset import collate
 from emim_triton.data.sharded_sampler import ShardedSampler
 from emim_triton.data.seeding import derive_seed
+from emim_triton.checks import fused_kernels_run_on
 from emim_triton.environment import interpreter_enabled
 from emim_triton.functional import resolve_backend
 
 from .config import ConfigError, TrainConfig
 from .distributed import Dist
-from .optim import scaled_lr
+from .optim import peak_lr
 
 
 def resolve(cfg: TrainConfig, dist: Dist) -> TrainConfig:
@@ -41,12 +42,11 @@ def resolve(cfg: TrainConfig, dist: Dist) -> TrainConfig:
     )
     if updates["amp"] == "fp16" and dist.device.type != "cuda":
         raise ConfigError(f"amp = 'fp16' needs a GPU (device is {dist.device.type}); use bf16 or fp32 on CPU")
-    if updates["attn_backend"] == "triton" and dist.device.type == "cpu" and not interpreter_enabled():
+    if updates["attn_backend"] == "triton" and not fused_kernels_run_on(dist.device, interpreter_enabled()):
         raise ConfigError("attn_backend = 'triton' on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 in the "
                           "environment, which is slow); use --attn-backend reference (or auto) on CPU")
     # the peak is only known here, where the number of processes is: the cosine goes from it down to min_lr
-    global_batch = cfg.batch_size * dist.world_size * cfg.accum_steps
-    peak = scaled_lr(cfg.lr, global_batch, cfg.lr_base_batch)
+    global_batch, peak = peak_lr(cfg, dist.world_size)
     if cfg.min_lr > peak and not cfg.test:
         raise ConfigError(f"min_lr = {cfg.min_lr:g} is above the peak learning rate {peak:g} (lr {cfg.lr:g} x global "
                           f"batch {global_batch} / lr_base_batch {cfg.lr_base_batch}): the schedule would rise over "

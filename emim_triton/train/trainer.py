@@ -44,7 +44,7 @@ from .evaluate import EvaluationInterrupted, evaluate
 from .logger import Progress, RunLogger, Throughput
 from .metrics import write_confusion
 from .mixup import Mixer, soft_cross_entropy
-from .optim import build_optimizer, lr_at, scaled_lr, set_lr
+from .optim import build_optimizer, lr_at, peak_lr, set_lr
 from .plots import plot_run
 from .setup import build_data, build_model, make_loader
 
@@ -118,8 +118,7 @@ class Trainer:
                              f"step of batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps}")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.global_batch = cfg.batch_size * dist.world_size * cfg.accum_steps
-        self.peak_lr = scaled_lr(cfg.lr, self.global_batch, cfg.lr_base_batch)
+        self.global_batch, self.peak_lr = peak_lr(cfg, dist.world_size)
         self.train_loader = make_loader(train, cfg, dist, train=True,
                                         length=self.steps_per_epoch * cfg.accum_steps * cfg.batch_size)
         self.val_loader = make_loader(self.datasets["val"], cfg, dist, train=False)

@@ -161,11 +161,17 @@ def check_inputs(q, k, v, rpb, w1, b1, w2, b2) -> EMIMShape:
     return EMIMShape(B, T, H, W, heads, D, K)
 
 
+def is_int(x) -> bool:
+    """An integer (numpy integers too), not a bool and not a float such as 2.0, which int() would silently
+    truncate."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def require_positive_int(value, name: str, owner: str, meaning: str = "") -> None:
     """TypeError unless `value` is an int (numpy integers too; not a bool, not a float such as 2.0, which
     int() would silently truncate), ValueError unless it is >= 1; both name `owner`'s argument `name`."""
     expected = f"an int >= 1{f' ({meaning})' if meaning else ''}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{owner}: {name} must be {expected}, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{owner}: {name} must be {expected}, got {value!r}")
@@ -216,10 +222,8 @@ def check_variant(direction, dilation, authors_context_channels) -> None:
         raise ValueError(f"emim_attention: direction must be one of {DIRECTIONS} (\"next\": frame t attends to "
                          f"frame t+1, the paper; \"prev\": to frame t-1, causal), got {direction!r}")
     require_positive_int(dilation, "dilation", "emim_attention", "1: adjacent window entries, the paper")
-    if authors_context_channels is not None and (
-            isinstance(authors_context_channels, bool)
-            or not isinstance(authors_context_channels, numbers.Integral)
-            or authors_context_channels != AUTHORS_CONTEXT_CHANNELS):
+    if authors_context_channels is not None and (not is_int(authors_context_channels)
+                                                 or authors_context_channels != AUTHORS_CONTEXT_CHANNELS):
         raise ValueError(f"emim_attention: authors_context_channels must be None (off) or "
                          f"{AUTHORS_CONTEXT_CHANNELS} (the authors' kernels' context channels per head), "
                          f"got {authors_context_channels!r}")

@@ -8,15 +8,14 @@ Parameter names follow the EMIM authors' checkpoints (``qkv``, ``proj``, ``rpb``
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import (HEAD_DIM_RULE, SUPPORTED_HEAD_DIMS, SUPPORTED_WINDOWS, WINDOW_RULE, check_options,
-                     check_variant)
-from .functional import BACKENDS, emim_attention
+                     check_variant, is_int)
+from .environment import BACKENDS
+from .functional import emim_attention
 from .reference import quick_gelu
 from .takeover import combined_qkv_bias, refuse_what_is_not_taken_over
 
@@ -26,7 +25,7 @@ def _is_positive_int(x) -> bool:
     A SymInt (a size traced by torch.compile with dynamic shapes) passes: it came from a real tensor's shape."""
     if isinstance(x, torch.SymInt):
         return True
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+    return is_int(x) and x >= 1
 
 
 class QuickGELU(nn.Module):

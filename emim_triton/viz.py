@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from .checks import DIRECTIONS
+from .environment import BACKENDS
 from .module import EMIM
 from .motion_field import record_motion
 
@@ -127,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="class names: a text file (one per line) or JSON list / {name: index}, "
                                          "one name for each of the model's classes")
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="the EMIM op's backend for the model's forward (the fields use the reference)")
-    parser.add_argument("--direction", default="next", choices=("next", "prev"),
+    parser.add_argument("--direction", default="next", choices=DIRECTIONS,
                         help="the EMIM layers' frame pairing: next (the paper: frame t -> t+1) or prev "
                              "(causal: frame t -> t-1)")
     parser.add_argument("--dilation", type=_int_at_least(1), default=1,
@@ -147,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PICTURES = ("flow.png", "arrows.png", "motion.gif")
 
 
 def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -155,6 +156,7 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     from .output_paths import directory_problem
     from .checks import fused_kernels_run_on
     from .environment import interpreter_enabled
+    from .viz_draw import PICTURES
 
     missing = [flag for flag in ("model", "video", "out") if getattr(args, flag) is None]
     if missing:
@@ -165,10 +167,10 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                      f"--backend reference (or auto), or set TRITON_INTERPRET=1 for Triton's slow CPU interpreter")
     problem = directory_problem(args.out)
     if problem is None:
-        taken = [name for name in _PICTURES if os.path.isdir(os.path.join(args.out, name))]
+        taken = [name for name in PICTURES if os.path.isdir(os.path.join(args.out, name))]
         problem = f"holds a directory named {taken[0]}, where that picture would go" if taken else None
     if problem:
-        parser.error(f"--out {args.out!r}: {problem}; expected a directory to write {', '.join(_PICTURES)} into")
+        parser.error(f"--out {args.out!r}: {problem}; expected a directory to write {', '.join(PICTURES)} into")
     if args.labels is not None and not os.path.isfile(args.labels):
         parser.error(f"--labels {args.labels!r}: no such file")
 

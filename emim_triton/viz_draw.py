@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .motion_field import MotionField
 
+PICTURES = ("flow.png", "arrows.png", "motion.gif")  # what write_pictures writes into its folder
+
 # The wheel's hue ramps, in order around the circle: (number of steps, start colour, end colour). Unequal
 # step counts make perceptually similar hue differences take similar angles (the benchmark's choice).
 _WHEEL_RAMPS = (
@@ -170,7 +172,7 @@ def write_pictures(frames: np.ndarray, fields: list[MotionField], out_dir: str, 
     flow_titles = ["frame t (-> t+1)"] + titles + ["legend: direction,\nlength / max"]
     arrow_rows = [[column[t] for column in arrow_columns] for t in range(pairs)]
 
-    paths = [os.path.join(out_dir, name) for name in ("flow.png", "arrows.png", "motion.gif")]
+    paths = [os.path.join(out_dir, name) for name in PICTURES]
     _compose(flow_rows, flow_titles, cell).save(paths[0], optimize=True)
     _compose(arrow_rows, titles, cell).save(paths[1], optimize=True)
     animation = [_compose([flow_rows[t][:-1] + arrow_rows[t] + [wheel]], flow_titles[:-1] + titles + flow_titles[-1:],

@@ -20,6 +20,8 @@ from importlib import resources
 
 import yaml
 
+from emim_triton.environment import BACKENDS
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the option and its source."""
@@ -47,7 +49,7 @@ class TrainConfig:
     pretrained: str | None = _opt(None, "checkpoint to initialise from (UniFormer/EMIM video or ImageNet weights, "
                                         "or a checkpoint of this trainer); a head of another size is dropped")
     attn_backend: str = _opt("auto", "EMIM op backend: auto (fused Triton kernels on GPU, PyTorch reference on "
-                                     "CPU) | triton | reference", choices=("auto", "triton", "reference"))
+                                     "CPU) | triton | reference", choices=BACKENDS)
     drop_path: float = _opt(0.1, "stochastic depth rate of the last block (linear from 0)")
     dropout: float = _opt(0.0, "dropout in MLPs, projections and before the head")
     num_frames: int | None = _opt(None, "frames per clip (default: the model's)")

@@ -28,10 +28,7 @@ resolution). float32 inputs ("ieee" dots) take one exact product each.
 import triton
 import triton.language as tl
 
-from .backward_query_tensor_core import split, split_dot
-from .common import context_channel_mask, head_of_frame
-
-LOG2E = tl.constexpr(1.4426950408889634)
+from .common import LOG2E, context_channel_mask, head_of_frame, split, split_dot
 
 
 @triton.jit

@@ -34,36 +34,8 @@ zeroed from there on, as in kernels/backward_query.py.
 import triton
 import triton.language as tl
 
-from .common import context_channel_mask, frame_pair, head_of_frame
-
-LOG2E = tl.constexpr(1.4426950408889634)
-QUICK_GELU_LOG2 = tl.constexpr(-1.702 * 1.4426950408889634)  # sigmoid(1.702 z) = 1 / (1 + 2^(z * this))
-
-
-@triton.jit
-def tf32_head(x, DOT_PRECISION: tl.constexpr):
-    """x rounded to the nearest tf32 value when the dots run in tf32 (kernels/common.py: round_to_tf32 says why
-    rounding, not the tensor cores' truncation), in two integer instructions; x itself for "ieee" dots."""
-    if DOT_PRECISION == "tf32":
-        x = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return x
-
-
-@triton.jit
-def split_dot(head, tail, b, DOT_PRECISION: tl.constexpr):
-    """a @ b to about float32 accuracy, a = head + tail (`split`), for a `b` exact in tf32 (upcast fp16/bf16
-    values): two tf32 products, the tail's truncation by the tensor cores costing ~2^-21 of a. "ieee" dots are
-    exact already: one product (the tail is 0)."""
-    if DOT_PRECISION == "tf32":
-        return tl.dot(head, b, input_precision=DOT_PRECISION) + tl.dot(tail, b, input_precision=DOT_PRECISION)
-    return tl.dot(head, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def split(a, DOT_PRECISION: tl.constexpr):
-    """(head, tail) of a float32 `a` for `split_dot`: head = a rounded to tf32, tail = the rest."""
-    head = tf32_head(a, DOT_PRECISION)
-    return head, a - head
+from .common import (LOG2E, QUICK_GELU_LOG2, context_channel_mask, frame_pair, head_of_frame, round_to_tf32, split,
+                     split_dot)
 
 
 @triton.jit
@@ -88,7 +60,7 @@ def split_to(g, dtype: tl.constexpr):
 def tf32_dot(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b for the motion MLP, `a` rounded to tf32 here, `b` already rounded on the host (as today's kernel
     rounds both: kernels/common.py, mlp_dot)."""
-    return tl.dot(tf32_head(a, DOT_PRECISION), b, input_precision=DOT_PRECISION)
+    return tl.dot(round_to_tf32(a, DOT_PRECISION), b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -219,10 +191,10 @@ def emim_backward_query_tensor_core_kernel(
     # Through the motion MLP, hidden chunk by hidden chunk, on the window flattened to SIDE² columns, adding to
     # the softmax path's dA. The operands that do not change from chunk to chunk are rounded to tf32 once, the
     # weights on the host.
-    affinity_flat = tf32_head(tl.reshape(affinity, (TILE, SIDE * SIDE)), DOT_PRECISION)
+    affinity_flat = round_to_tf32(tl.reshape(affinity, (TILE, SIDE * SIDE)), DOT_PRECISION)
     # All channels of g (the motion's too), loaded again: keeping it, or its (TILE, D) 64-bit pointers, live
     # through pass 1 spilled registers.
-    g = tf32_head(tl.load(grad_rows[:, None] + channels[None, :].to(tl.int64), mask=query_mask, other=0.0),
+    g = round_to_tf32(tl.load(grad_rows[:, None] + channels[None, :].to(tl.int64), mask=query_mask, other=0.0),
                   DOT_PRECISION)
     d_affinity_flat = tl.reshape(d_affinity_softmax, (TILE, SIDE * SIDE))
     window_cols = tl.arange(0, SIDE * SIDE)

@@ -110,12 +110,34 @@ def round_to_tf32(x, DOT_PRECISION: tl.constexpr):
     The tensor cores read a float32 operand as tf32 by dropping its 13 low mantissa bits: truncation, which
     pulls every product towards zero and so biases sums instead of averaging out (measured on an H200: fp16
     outputs 6x further from float64 than the reference's own error). Adding half a tf32 unit to the bit
-    pattern first makes the dropped bits a rounding. A no-op for "ieee" (float32-exact) dots.
+    pattern first makes the dropped bits a rounding (then masking them off: two integer instructions). A
+    no-op for "ieee" (float32-exact) dots.
     """
     if DOT_PRECISION == "tf32":
-        bits = x.to(tl.uint32, bitcast=True) + 0x1000
-        x = ((bits >> 13) << 13).to(tl.float32, bitcast=True)
+        x = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return x
+
+
+# Base-2 exponentials (one MUFU.EX2 each) stand in for exp in the tensor-core kernels.
+LOG2E = tl.constexpr(1.4426950408889634)
+QUICK_GELU_LOG2 = tl.constexpr(-1.702 * 1.4426950408889634)  # sigmoid(1.702 z) = 1 / (1 + 2^(z * this))
+
+
+@triton.jit
+def split(a, DOT_PRECISION: tl.constexpr):
+    """(head, tail) of a float32 `a` for `split_dot`: head = a rounded to tf32, tail = the rest."""
+    head = round_to_tf32(a, DOT_PRECISION)
+    return head, a - head
+
+
+@triton.jit
+def split_dot(head, tail, b, DOT_PRECISION: tl.constexpr):
+    """a @ b to about float32 accuracy, a = head + tail (`split`), for a `b` exact in tf32 (upcast fp16/bf16
+    values): two tf32 products, the tail's truncation by the tensor cores costing ~2^-21 of a. "ieee" dots are
+    exact already: one product (the tail is 0)."""
+    if DOT_PRECISION == "tf32":
+        return tl.dot(head, b, input_precision=DOT_PRECISION) + tl.dot(tail, b, input_precision=DOT_PRECISION)
+    return tl.dot(head, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit

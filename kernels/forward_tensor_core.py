@@ -29,10 +29,9 @@ approximate ones (tl.fdiv, ieee_rounding=False: a reciprocal and a multiply, 2 u
 import triton
 import triton.language as tl
 
-from .common import context_channel_mask, frame_pair, head_of_frame
+from .common import QUICK_GELU_LOG2, context_channel_mask, frame_pair, head_of_frame
 
 LN2 = tl.constexpr(0.6931471805599453)  # turns base-2 logarithms back into natural ones
-QUICK_GELU_LOG2 = tl.constexpr(-1.702 * 1.4426950408889634)  # sigmoid(1.702 z) = 1 / (1 + 2^(z * this))
 
 
 @triton.jit

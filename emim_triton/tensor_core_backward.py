@@ -17,14 +17,13 @@ today's kernel rounds them in every program (``kernels/common.py: round_to_tf32`
 from __future__ import annotations
 
 import torch
-import triton
 
 from .checks import EMIMShape
 from .launch_configs import padded_head_dim
 from .kernels.backward_query_tensor_core import emim_backward_query_tensor_core_kernel
-from .tensor_core_forward import TensorCoreConfig, default_tensor_core_config, window_pad_side
+from .tensor_core_forward import TensorCoreConfig, default_tensor_core_config, halo_geometry, window_pad_side
 from .tensor_core_forward import supports as forward_supports
-from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision
+from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision, stand_in_qkv
 
 
 def supports(shape: EMIMShape, dtype: torch.dtype, variant: Variant = DEFAULT_VARIANT) -> bool:
@@ -69,24 +68,12 @@ def backward_query_tensor_core_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse,
     """The launch, with `triton_backend.backward_query_launch`'s arguments (rpb contiguous (heads, K, K); w1, b1,
     w2 as the op gets them: packed here), and a `TensorCoreConfig` (None: `default_tensor_core_config`)."""
     cfg = cfg or default_tensor_core_config(shape)
-    if not isinstance(cfg, TensorCoreConfig):
-        raise TypeError(f"backward_query_tensor_core_launch: cfg must be a TensorCoreConfig or None, got "
-                        f"{type(cfg).__name__}")
-    if variant.dilation != 1:
-        raise ValueError(f"backward_query_tensor_core_launch: dilation must be 1 (the halo strategy has no dilated "
-                         f"windows), got {variant.dilation}")
-    halo_h, halo_w = cfg.halo(shape.window)
-    block_rows = min(cfg.halo_block_rows, halo_h)
-    if block_rows * halo_w < 16:
-        raise ValueError(f"backward_query_tensor_core_launch: a halo block of {block_rows} x {halo_w} slots is below "
-                         f"tl.dot's minimum of 16; raise cfg.halo_block_rows (got {cfg.halo_block_rows})")
+    pairs = variant.pairs(shape)
+    grid, halo = halo_geometry("backward_query_tensor_core_launch", shape, cfg, variant, pairs)
     if not rpb.is_contiguous():
         raise ValueError("backward_query_tensor_core_launch: rpb must be contiguous (heads, K, K) "
                          "(triton_backend.contiguous_parameters)")
     w1p, w1t, b1p, w2p = pack_mlp(w1, b1, w2, shape, cfg, dot_precision(q.dtype))
-    pairs = variant.pairs(shape)
-    grid = (triton.cdiv(shape.height, cfg.tile_h) * triton.cdiv(shape.width, cfg.tile_w), shape.heads,
-            shape.batch * pairs)
     return KernelLaunch(
         emim_backward_query_tensor_core_kernel, grid,
         dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, w1_ptr=w1p, w1t_ptr=w1t, b1_ptr=b1p, w2_ptr=w2p,
@@ -96,8 +83,7 @@ def backward_query_tensor_core_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse,
              num_pairs=pairs, key_frame_offset=variant.key_frame_offset(shape),
              context_channels=variant.kernel_context_channels(shape), scale=scale, pad_value=pad_value),
         dict(WINDOW=shape.window, WINDOW_PAD_SIDE=window_pad_side(shape.window),
-             BLOCK_D=padded_head_dim(shape.head_dim), TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, HALO_H=halo_h,
-             HALO_W=halo_w, HALO_BLOCK_ROWS=block_rows, HIDDEN_PAD=cfg.hidden_pad(shape.window),
+             BLOCK_D=padded_head_dim(shape.head_dim), **halo, HIDDEN_PAD=cfg.hidden_pad(shape.window),
              HIDDEN_CHUNK=cfg.hidden_chunk, DOT_PRECISION=dot_precision(q.dtype)),
         cfg.num_warps, cfg.num_stages,
     )
@@ -109,8 +95,7 @@ def example_launch(shape: EMIMShape, dtype: torch.dtype, cfg: TensorCoreConfig |
     projection (as `triton_backend.example_launches` builds them): for compiling ahead of time and the static
     model."""
     B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
-    qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
-    q, k, v = qkv.view(B, T, H, W, 3, heads, D).unbind(4)
+    q, k, v = stand_in_qkv(shape, dtype, device)
     f32 = dict(dtype=torch.float32, device=device)
     rpb = torch.empty((heads, shape.window, shape.window), **f32)
     w1, b1, w2 = (torch.empty(s, **f32) for s in ((shape.hidden, shape.window_area), (shape.hidden,),

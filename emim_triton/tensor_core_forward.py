@@ -150,21 +150,31 @@ def pack_mlp(w1, b1, w2, b2, shape: EMIMShape, cfg: TensorCoreConfig, dtype: tor
     return w1p, b1p, w2p, b2p
 
 
+def halo_geometry(owner: str, shape: EMIMShape, cfg: TensorCoreConfig, variant: Variant,
+                  frames: int) -> tuple[tuple[int, int, int], dict]:
+    """(grid, tile and halo constexprs) of a halo-strategy launch over `frames` frame indices per batch, after
+    refusing, by `owner`'s name, what the strategy cannot do (the three tensor-core kernels share it)."""
+    if not isinstance(cfg, TensorCoreConfig):
+        raise TypeError(f"{owner}: cfg must be a TensorCoreConfig or None, got {type(cfg).__name__}")
+    if variant.dilation != 1:
+        raise ValueError(f"{owner}: dilation must be 1 (the halo strategy has no dilated windows), got "
+                         f"{variant.dilation}")
+    halo_h, halo_w = cfg.halo(shape.window)
+    block_rows = min(cfg.halo_block_rows, halo_h)
+    if block_rows * halo_w < 16:
+        raise ValueError(f"{owner}: a halo block of {block_rows} x {halo_w} slots is below tl.dot's minimum of 16; "
+                         f"raise cfg.halo_block_rows (got {cfg.halo_block_rows})")
+    grid = (triton.cdiv(shape.height, cfg.tile_h) * triton.cdiv(shape.width, cfg.tile_w), shape.heads,
+            shape.batch * frames)
+    return grid, dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, HALO_H=halo_h, HALO_W=halo_w, HALO_BLOCK_ROWS=block_rows)
+
+
 def tensor_core_forward_launch(q, k, v, bias, w1p, b1p, w2p, b2p, out, lse, shape: EMIMShape, scale: float,
                                pad_value: float, cfg: TensorCoreConfig, store_lse: bool,
                                variant: Variant = DEFAULT_VARIANT) -> KernelLaunch:
     """The launch, on parameters already prepared by `bias_table` and `pack_mlp`."""
-    if variant.dilation != 1:
-        raise ValueError(f"tensor_core_forward_launch: dilation must be 1 (the halo strategy has no dilated "
-                         f"windows), got {variant.dilation}")
-    halo_h, halo_w = cfg.halo(shape.window)
-    block_rows = min(cfg.halo_block_rows, halo_h)
-    if block_rows * halo_w < 16:
-        raise ValueError(f"tensor_core_forward_launch: a halo block of {block_rows} x {halo_w} slots is below tl.dot's "
-                         f"minimum of 16; raise cfg.halo_block_rows (got {cfg.halo_block_rows})")
     pairs = variant.pairs(shape)
-    grid = (triton.cdiv(shape.height, cfg.tile_h) * triton.cdiv(shape.width, cfg.tile_w), shape.heads,
-            shape.batch * pairs)
+    grid, halo = halo_geometry("tensor_core_forward_launch", shape, cfg, variant, pairs)
     return KernelLaunch(
         emim_forward_tensor_core_kernel, grid,
         dict(q_ptr=q, k_ptr=k, v_ptr=v, bias_ptr=bias, w1_ptr=w1p, b1_ptr=b1p, w2_ptr=w2p, b2_ptr=b2p,
@@ -174,10 +184,8 @@ def tensor_core_forward_launch(q, k, v, bias, w1p, b1p, w2p, b2p, out, lse, shap
              context_channels=variant.kernel_context_channels(shape),
              scale_log2=scale * LOG2E, pad_value=pad_value),
         dict(WINDOW=shape.window, WINDOW_PAD_SIDE=window_pad_side(shape.window),
-             BLOCK_D=padded_head_dim(shape.head_dim), TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, HALO_H=halo_h,
-             HALO_W=halo_w, HALO_BLOCK_ROWS=block_rows, HIDDEN_PAD=cfg.hidden_pad(shape.window),
-             HIDDEN_CHUNK=cfg.hidden_chunk,
-             STORE_LSE=store_lse, DOT_PRECISION=dot_precision(q.dtype)),
+             BLOCK_D=padded_head_dim(shape.head_dim), **halo, HIDDEN_PAD=cfg.hidden_pad(shape.window),
+             HIDDEN_CHUNK=cfg.hidden_chunk, STORE_LSE=store_lse, DOT_PRECISION=dot_precision(q.dtype)),
         cfg.num_warps, cfg.num_stages,
     )
 
@@ -203,8 +211,7 @@ def example_launch(shape: EMIMShape, dtype: torch.dtype, cfg: TensorCoreConfig |
     projection: for compiling ahead of time and for `emim_triton.bench_cli.static`."""
     cfg = cfg or default_tensor_core_config(shape)
     B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
-    qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
-    q, k, v = qkv.view(B, T, H, W, 3, heads, D).unbind(4)
+    q, k, v = triton_backend.stand_in_qkv(shape, dtype, device)
     halo_h, halo_w = cfg.halo(shape.window)
     bias = torch.empty((heads, cfg.tile_h * cfg.tile_w, halo_h * halo_w), dtype=torch.float32, device=device)
     operand = mlp_operand_dtype(dtype)

@@ -14,14 +14,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import triton
 
 from .checks import EMIMShape
 from .launch_configs import padded_head_dim
 from .kernels.backward_key_value_tensor_core import emim_backward_key_value_tensor_core_kernel
-from .tensor_core_forward import TensorCoreConfig, default_tensor_core_config
+from .tensor_core_forward import TensorCoreConfig, default_tensor_core_config, halo_geometry
 from .tensor_core_forward import supports as forward_supports
-from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision
+from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision, stand_in_qkv
 
 
 def supports(shape: EMIMShape, dtype: torch.dtype, variant: Variant = DEFAULT_VARIANT) -> bool:
@@ -46,27 +45,16 @@ def backward_key_value_tensor_core_launch(q, k, rpb, grad_pairs, lse, d_affinity
     (None: `default_config`)."""
     name = "backward_key_value_tensor_core_launch"
     cfg = cfg or default_config(shape)
-    if not isinstance(cfg, TensorCoreConfig):
-        raise TypeError(f"{name}: cfg must be a TensorCoreConfig or None, got {type(cfg).__name__}")
-    if variant.dilation != 1:
-        raise ValueError(f"{name}: variant.dilation must be 1 (the halo strategy has no dilated windows), got "
-                         f"{variant.dilation}")
+    key_frames = variant.key_frames(shape)
+    grid, halo = halo_geometry(name, shape, cfg, variant, len(key_frames))
     if variant.key_sources(shape) != 1:
         raise ValueError(f"{name}: variant.direction must be 'next' when T > 1 (this kernel reads one query frame "
                          f"per key frame; 'prev' gives key frame 0 two), got {variant.direction!r} at T = "
                          f"{shape.frames}")
-    halo_h, halo_w = cfg.halo(shape.window)
-    block_rows = min(cfg.halo_block_rows, halo_h)
-    if block_rows * halo_w < 16:
-        raise ValueError(f"{name}: a halo block of {block_rows} x {halo_w} slots is below tl.dot's minimum of 16; "
-                         f"raise cfg.halo_block_rows (got {cfg.halo_block_rows})")
     for arg, t in (("rpb", rpb), ("grad_pairs", grad_pairs), ("lse", lse), ("d_affinity", d_affinity),
                    ("dk", dk), ("dv", dv)):
         if not t.is_contiguous():  # the kernel indexes these by raw offsets
             raise ValueError(f"{name}: {arg} must be contiguous (as triton_backend.backward makes it)")
-    key_frames = variant.key_frames(shape)
-    grid = (triton.cdiv(shape.height, cfg.tile_h) * triton.cdiv(shape.width, cfg.tile_w), shape.heads,
-            shape.batch * len(key_frames))
     return KernelLaunch(
         emim_backward_key_value_tensor_core_kernel, grid,
         dict(q_ptr=q, k_ptr=k, rpb_ptr=rpb, grad_ptr=grad_pairs, lse_ptr=lse, d_affinity_ptr=d_affinity,
@@ -75,8 +63,7 @@ def backward_key_value_tensor_core_launch(q, k, rpb, grad_pairs, lse, d_affinity
              num_pairs=variant.pairs(shape), key_frame_offset=variant.key_frame_offset(shape),
              first_key_frame=key_frames.start, num_key_frames=len(key_frames),
              context_channels=variant.kernel_context_channels(shape), scale=scale),
-        dict(WINDOW=shape.window, BLOCK_D=padded_head_dim(shape.head_dim), TILE_H=cfg.tile_h, TILE_W=cfg.tile_w,
-             HALO_H=halo_h, HALO_W=halo_w, HALO_BLOCK_ROWS=block_rows, DOT_PRECISION=dot_precision(q.dtype)),
+        dict(WINDOW=shape.window, BLOCK_D=padded_head_dim(shape.head_dim), **halo, DOT_PRECISION=dot_precision(q.dtype)),
         cfg.num_warps, cfg.num_stages,
     )
 
@@ -86,8 +73,7 @@ def example_launch(shape: EMIMShape, dtype: torch.dtype, cfg: TensorCoreConfig |
     """The launch at `shape` on stand-in tensors (meta by default), q and k as strided views of one qkv projection
     (as `triton_backend.example_launches` builds them): for compiling ahead of time and the static model."""
     B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
-    qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
-    q, k, _ = qkv.view(B, T, H, W, 3, heads, D).unbind(4)
+    q, k, _ = stand_in_qkv(shape, dtype, device)
     f32 = dict(dtype=torch.float32, device=device)
     rpb = torch.empty((heads, shape.window, shape.window), **f32)
     pairs = variant.pairs(shape)

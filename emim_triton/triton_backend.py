@@ -290,6 +290,14 @@ def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scal
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, rpb, w1, b1, w2, b2)))
 
 
+def stand_in_qkv(shape: EMIMShape, dtype: torch.dtype, device="meta") -> tuple[torch.Tensor, ...]:
+    """q, k, v at `shape` as the three strided views of one qkv projection (the layout models pass in), on
+    stand-in storage (meta by default: no memory): for building launches to compile or time."""
+    B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
+    qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
+    return qkv.view(B, T, H, W, 3, heads, D).unbind(4)
+
+
 def example_launches(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs,
                      param_dtype: torch.dtype = torch.float32, device="meta",
                      variant: Variant = DEFAULT_VARIANT) -> dict[str, KernelLaunch]:
@@ -299,8 +307,7 @@ def example_launches(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs,
     For compiling ahead of time (tests, autotuner pruning) and timing (autotuner, on a GPU device).
     """
     B, T, H, W, heads, D = shape.batch, shape.frames, shape.height, shape.width, shape.heads, shape.head_dim
-    qkv = torch.empty((B, T * H * W, 3 * heads * D), dtype=dtype, device=device)
-    q, k, v = qkv.view(B, T, H, W, 3, heads, D).unbind(4)  # the strided layout models pass in
+    q, k, v = stand_in_qkv(shape, dtype, device)
     area, hidden = shape.window_area, shape.hidden
     rpb, w1, b1 = (torch.empty(s, dtype=param_dtype, device=device) for s in ((heads, shape.window, shape.window),
                                                                               (hidden, area), (hidden,)))

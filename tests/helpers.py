@@ -63,3 +63,40 @@ def compile_params(params, launch_and_arch) -> dict:
             pytest.skip(why)
     results = compile_jobs([CompileJob.of_launch(launch, arch) for launch, arch in jobs], workers=AOT_WORKERS)
     return {p.id: result for p, result in zip(params, results)}
+
+
+# Tiny (B, T, H, W, heads, D, K) cases of the tensor-core backward tests: T = 1 and 3; H or W < K; D = 24 (not a
+# power of two); K = 3, 5, 7; a 9 x 10 frame (four 8 x 8 tiles, partly outside the frame).
+TENSOR_CORE_BACKWARD_SHAPES = {
+    "T1-self-attention-W<K": (1, 1, 3, 2, 1, 16, 3),
+    "T3-two-heads-H<K": (1, 3, 3, 5, 2, 32, 5),
+    "B2-D24-frame-smaller-than-window": (2, 2, 2, 3, 2, 24, 5),
+    "K7-four-tiles": (1, 2, 9, 10, 1, 16, 7),
+}
+
+
+def backward_case(inputs, pad_value, variant):
+    """What a backward kernel launch needs besides its outputs, from today's kernels: (shape, (rpb, w1, b1,
+    w2, b2) dense, configs, scale, lse of today's forward, the folded random upstream gradient)."""
+    from emim_triton import triton_backend
+    from emim_triton.checks import EMIMShape
+    from emim_triton.launch_configs import default_configs
+
+    q = inputs["q"]
+    shape = EMIMShape.of(q, inputs["rpb"])
+    params = triton_backend.contiguous_parameters(*(inputs[n] for n in ("rpb", "w1", "b1", "w2", "b2")))
+    configs = default_configs(shape.height, shape.width, shape.window, shape.head_dim, q.dtype)
+    scale = shape.head_dim ** -0.5
+    _, lse = triton_backend.forward(q, inputs["k"], inputs["v"], *params, shape, scale, pad_value, configs,
+                                    store_lse=True, variant=variant)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q)
+    return shape, params, configs, scale, lse, triton_backend.fold_last_frame_grad(grad_out, shape, variant)
+
+
+def assert_equal_up_to_16bit_rounding(actual, expected) -> None:
+    """Two kernels' 16-bit results of the same float32 sums: the float32 values agree to FP32_KERNEL_RTOL of the
+    largest element (small elements are sums with cancellation), then the rounding to 16 bits adds at most one
+    unit in the last place of each element."""
+    actual, expected = actual.float(), expected.float()
+    allowed = torch.finfo(torch.float16).eps * expected.abs() + FP32_KERNEL_RTOL * expected.abs().max()
+    assert ((actual - expected).abs() <= allowed).all()

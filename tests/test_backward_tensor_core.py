@@ -16,19 +16,13 @@ from emim_triton.checks import EMIMShape
 from emim_triton.launch_configs import default_configs
 from emim_triton.tensor_core_backward import backward_query_tensor_core_launch, example_launch, supports
 from emim_triton.tensor_core_forward import TensorCoreConfig
-from helpers import FP32_KERNEL_RTOL, GRAD_NAMES, low_precision_bound, make_inputs, relative_error, test_device
+from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, TENSOR_CORE_BACKWARD_SHAPES, assert_equal_up_to_16bit_rounding,
+                     backward_case, low_precision_bound, make_inputs, relative_error, test_device)
 
 DEVICE = test_device()
 ON_GPU = DEVICE == "cuda"
 
-# (B, T, H, W, heads, D, K): T = 1, 2, 3; H or W < K; D = 24 (not a power of two); K = 3, 5, 7; a 9 x 10 frame
-# (four 8 x 8 tiles, partly outside the frame).
-SHAPES = {
-    "T1-self-attention-W<K": (1, 1, 3, 2, 1, 16, 3),
-    "T3-two-heads-H<K": (1, 3, 3, 5, 2, 32, 5),
-    "B2-D24-frame-smaller-than-window": (2, 2, 2, 3, 2, 24, 5),
-    "K7-four-tiles": (1, 2, 9, 10, 1, 16, 7),
-}
+SHAPES = TENSOR_CORE_BACKWARD_SHAPES
 
 
 # Every buffer the kernels write starts as NaN (tests/conftest.py), so an unwritten element fails.
@@ -40,20 +34,14 @@ def _query_side(inputs, launch, pad_value=1e-6, variant=triton_backend.DEFAULT_V
     a random upstream gradient, every output buffer NaN-filled."""
     q = inputs["q"]
     B, T, H, W, heads, D = q.shape
-    shape = EMIMShape(B, T, H, W, heads, D, inputs["rpb"].shape[-1])
-    rpb, w1, b1, w2, b2 = triton_backend.contiguous_parameters(*(inputs[n] for n in ("rpb", "w1", "b1", "w2", "b2")))
-    configs = default_configs(H, W, shape.window, D, q.dtype)
-    _, lse = triton_backend.forward(q, inputs["k"], inputs["v"], rpb, w1, b1, w2, b2, shape, D ** -0.5, pad_value,
-                                    configs, store_lse=True, variant=variant)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q)
-    grad_pairs = triton_backend.fold_last_frame_grad(grad_out, shape, variant)
+    shape, (rpb, w1, b1, w2, b2), configs, scale, lse, grad_pairs = backward_case(inputs, pad_value, variant)
     pairs = variant.pairs(shape)
     dq = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     affinity, d_affinity = (torch.full((B, pairs, H, W, heads, shape.window_area), float("nan"), device=q.device)
                             for _ in range(2))
     cfg = configs.backward_query if launch is triton_backend.backward_query_launch else None
     launch(q, inputs["k"], inputs["v"], rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity, shape,
-           D ** -0.5, pad_value, cfg, variant)()
+           scale, pad_value, cfg, variant)()
     return dq[:, :pairs], affinity, d_affinity
 
 
@@ -65,12 +53,7 @@ def _assert_matches_offset_loop(inputs, **kwargs):
     if dq.dtype == torch.float32:
         assert relative_error(dq, dq_ref) < FP32_KERNEL_RTOL
     else:
-        # Both round a float32 dq to 16 bits: the float32 values agree to FP32_KERNEL_RTOL of the largest
-        # element (small elements are sums with cancellation), then the rounding adds at most one unit in the last
-        # place of each element.
-        dq, dq_ref = dq.float(), dq_ref.float()
-        allowed = torch.finfo(torch.float16).eps * dq_ref.abs() + FP32_KERNEL_RTOL * dq_ref.abs().max()
-        assert ((dq - dq_ref).abs() <= allowed).all()
+        assert_equal_up_to_16bit_rounding(dq, dq_ref)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])

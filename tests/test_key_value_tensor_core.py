@@ -14,18 +14,12 @@ from emim_triton.checks import EMIMShape
 from emim_triton.launch_configs import default_configs
 from emim_triton.tensor_core_forward import TensorCoreConfig
 from emim_triton.tensor_core_key_value import backward_key_value_tensor_core_launch, example_launch, supports
-from helpers import FP32_KERNEL_RTOL, make_inputs, relative_error, test_device
+from helpers import (FP32_KERNEL_RTOL, TENSOR_CORE_BACKWARD_SHAPES, assert_equal_up_to_16bit_rounding, backward_case,
+                     make_inputs, relative_error, test_device)
 
 DEVICE = test_device()
 
-# (B, T, H, W, heads, D, K): T = 1 and 3; H or W < K; D = 24 (not a power of two); K = 3, 5, 7; a 9 x 10 frame
-# (four 8 x 8 tiles, partly outside the frame).
-SHAPES = {
-    "T1-self-attention-W<K": (1, 1, 3, 2, 1, 16, 3),
-    "T3-two-heads-H<K": (1, 3, 3, 5, 2, 32, 5),
-    "B2-D24-frame-smaller-than-window": (2, 2, 2, 3, 2, 24, 5),
-    "K7-four-tiles": (1, 2, 9, 10, 1, 16, 7),
-}
+SHAPES = TENSOR_CORE_BACKWARD_SHAPES
 
 pytestmark = pytest.mark.usefixtures("nan_poisoned_buffers")
 
@@ -35,14 +29,7 @@ def _key_value_side(inputs, use_tensor_cores, pad_value=1e-6, variant=triton_bac
     today's forward, the dA rows of today's query kernel for a random upstream gradient, NaN-filled outputs."""
     q, k = inputs["q"], inputs["k"]
     B, T, H, W, heads, D = q.shape
-    shape = EMIMShape(B, T, H, W, heads, D, inputs["rpb"].shape[-1])
-    rpb, w1, b1, w2, b2 = triton_backend.contiguous_parameters(*(inputs[n] for n in ("rpb", "w1", "b1", "w2", "b2")))
-    configs = default_configs(H, W, shape.window, D, q.dtype)
-    scale = D ** -0.5
-    _, lse = triton_backend.forward(q, k, inputs["v"], rpb, w1, b1, w2, b2, shape, scale, pad_value, configs,
-                                    store_lse=True, variant=variant)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q)
-    grad_pairs = triton_backend.fold_last_frame_grad(grad_out, shape, variant)
+    shape, (rpb, w1, b1, w2, b2), configs, scale, lse, grad_pairs = backward_case(inputs, pad_value, variant)
     pairs = variant.pairs(shape)
     dq = torch.empty_like(q)
     affinity, d_affinity = (torch.empty((B, pairs, H, W, heads, shape.window_area), device=q.device) for _ in range(2))
@@ -66,11 +53,7 @@ def _assert_matches_today(inputs, **kwargs):
         if grad.dtype == torch.float32:
             assert relative_error(grad, grad_ref) < FP32_KERNEL_RTOL
         else:
-            # Both round a float32 sum to 16 bits: the float32 values agree to FP32_KERNEL_RTOL of the largest
-            # element, then the rounding adds at most one unit in the last place of each element.
-            grad, grad_ref = grad.float(), grad_ref.float()
-            allowed = torch.finfo(torch.float16).eps * grad_ref.abs() + FP32_KERNEL_RTOL * grad_ref.abs().max()
-            assert ((grad - grad_ref).abs() <= allowed).all()
+            assert_equal_up_to_16bit_rounding(grad, grad_ref)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])

@@ -35,6 +35,7 @@ import time
 import torch
 
 from emim_triton import emim_attention
+from emim_triton.bench_cli.timing import synchronize
 from emim_triton.environment import interpreter_enabled
 from emim_triton.reference import emim_reference
 from emim_triton.testing import FP32_KERNEL_RTOL, INPUT_NAMES, low_precision_bound, make_inputs, relative_error
@@ -109,11 +110,6 @@ def reference_on_slices(slice_inputs, params, slice_grads, dtype):
         qkv_grads.append(grads[:3])
         param_grads = grads[3:] if param_grads is None else [a + b for a, b in zip(param_grads, grads[3:])]
     return outs, qkv_grads, param_grads
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(args) -> dict:

@@ -21,16 +21,12 @@ import time
 import torch
 
 from emim_triton import EMIM
+from emim_triton.bench_cli.timing import synchronize
 from emim_triton.testing import relative_error
 
 # (name, dim, heads, T, H, W): UniFormer-S16 stage 3 at 224 px, and a 64 x 64 generation latent
 CASES = (("s16-stage3", 320, 5, 16, 14, 14), ("generation-64x64", 512, 8, 16, 64, 64))
 SMALL_CASES = (("small", 32, 2, 4, 5, 6),)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_bytes(device: torch.device) -> int | None:
@@ -50,10 +46,10 @@ def measure(name, dim, heads, T, H, W, *, direction, device, dtype, batch, windo
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             outputs = []
             for t in range(T):
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 y = stream(clip[:, t])
-                _synchronize(device)
+                synchronize(device)
                 step_ms.append((time.perf_counter() - start) * 1e3)
                 if y is not None:
                     outputs.append(y)
@@ -61,11 +57,11 @@ def measure(name, dim, heads, T, H, W, *, direction, device, dtype, batch, windo
             if last is not None:
                 outputs.append(last)
             peak = _peak_bytes(device)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             layer(clip)
-        _synchronize(device)
+        synchronize(device)
         whole_ms = (time.perf_counter() - start) * 1e3 / repeats
     streamed = torch.stack(outputs, dim=1)
     warm = step_ms[T:] or step_ms  # the first pass compiles and allocates

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cost_model import EMIMCost
+from .gpus import GPUS
 from .timing import time_call
 
 
@@ -26,12 +27,15 @@ class Ceilings:
 # Vendor datasheet rates (dense, no sparsity), for `roofline` without a GPU. Leads, not measurements:
 # the ceilings of a real run are measured (a workplace H200 copied at ~4.3 TB/s and multiplied bf16 at
 # ~770-800 TFLOP/s, bench/ROOFLINE.md).
-DATASHEETS = {
-    "h200": dict(name="NVIDIA H200 SXM", bandwidth=4.8e12, matmul={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    "h100": dict(name="NVIDIA H100 SXM", bandwidth=3.35e12, matmul={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    "a100": dict(name="NVIDIA A100 SXM 80GB", bandwidth=2.039e12,
-                 matmul={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+# The GPUs' names and HBM bandwidth are the static model's table (gpus.py); the matrix rates here include
+# float32 CUDA-core rates, which that table (tensor-core rates) has no place for.
+_MATMUL_RATES = {
+    "h200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "h100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "a100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
 }
+DATASHEETS = {gpu: dict(name=GPUS[gpu].name, bandwidth=GPUS[gpu].hbm_bytes_per_s, matmul=rates)
+              for gpu, rates in _MATMUL_RATES.items()}
 
 
 def datasheet_ceilings(gpu: str, dtype_name: str) -> Ceilings:

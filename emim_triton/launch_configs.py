@@ -136,11 +136,20 @@ def default_configs(height: int, width: int, window: int, head_dim: int,
     # tensor-core dots: halve the hidden chunk (the 8 x 8 forward spills at 32, not at 16).
     exact = dtype == torch.float32
     chunk = 16 if exact else 32
-    # The weights kernel keeps (hidden chunk x K²) and (D x hidden chunk) accumulators plus a
-    # (rows x K²) input tile: for large windows / head dims, or exact float32 products, fewer rows per
-    # step or more warps (at 4 warps and 64 rows, K=15 / D=128 and float32 K=7 / D=64 spill).
-    large = padded_window_area(window) * padded_head_dim(head_dim) >= 8192
-    weights = RowConfig(block_rows=32 if large else 64, hidden_chunk=chunk, num_warps=8 if (large or exact) else 4)
+    # The weights kernel keeps (hidden chunk x K²) and (hidden chunk x D) accumulators and the chunk's
+    # z, QuickGELU and dz tiles (chunk x rows) in registers. Chosen with the static model (emim-bench static,
+    # 2026-11-30) to compile without spills for both sm_80 and sm_90 (the heuristic does not know the GPU):
+    # 16-bit operands take 64-wide chunks over 16 rows (3 CTAs per SM on an H200; 64 rows model 10 % faster
+    # there but spill on sm_80); a padded K² x D of 8192 or more (K=9, D=128) 32-wide chunks over 32 rows; the
+    # 256-wide window of K >= 13 needs 8 warps; float32 "ieee" products take 16-wide chunks on 8 warps.
+    wide = padded_window_area(window) * padded_head_dim(head_dim) >= 8192
+    if exact:
+        weights = RowConfig(block_rows=32 if wide else 64, hidden_chunk=16, num_warps=8, num_stages=1)
+    elif wide:
+        weights = RowConfig(block_rows=32, hidden_chunk=32, num_warps=8 if padded_window_area(window) >= 256 else 4,
+                            num_stages=1)
+    else:
+        weights = RowConfig(block_rows=16, hidden_chunk=64, num_warps=4, num_stages=1)
     return EMIMConfigs(
         forward=TileConfig(fwd_h, fwd_w, hidden_chunk=chunk),
         backward_query=TileConfig(bwd_h, bwd_w, hidden_chunk=chunk),

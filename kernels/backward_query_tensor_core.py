@@ -34,8 +34,8 @@ zeroed from there on, as in kernels/backward_query.py.
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, QUICK_GELU_LOG2, context_channel_mask, frame_pair, head_of_frame, round_to_tf32, split,
-                     split_dot)
+from .common import (LOG2E, context_channel_mask, fast_quick_gelu_and_grad, frame_pair, head_of_frame, round_to_tf32,
+                     split, split_dot)
 
 
 @triton.jit
@@ -139,7 +139,6 @@ def emim_backward_query_tensor_core_kernel(
     g_context = tl.load(grad_rows[:, None] + channels[None, :],
                         mask=query_mask & context_channel_mask(channels, context_channels)[None, :], other=0.0)
     g_head, g_tail = split_to(g_context, v_ptr.dtype.element_ty)
-    lse = tl.load(lse_ptr + pair_index * (H * W * HEADS) + position, mask=query_valid, other=0.0)
 
     # Window entry (i, j) of query (ty, tx) is halo slot (ty + i, tx + j). Padded entries (i or j >= K) repeat
     # entry 0 while gathering (finite) and are masked out below.
@@ -175,6 +174,8 @@ def emim_backward_query_tensor_core_kernel(
     # they add nothing to the MLP), p = 0 (no softmax mass, no gradient).
     rpb = tl.load(rpb_ptr + head * WINDOW_AREA + side[:, None] * WINDOW + side[None, :], mask=window_ok, other=0.0)
     affinity = tl.where(window_ok[None, :, :], s_window * scale + rpb.to(tl.float32)[None, :, :], 0.0)
+    # lse is loaded here, not with q: live through pass 1, it spilled.
+    lse = tl.load(lse_ptr + pair_index * (H * W * HEADS) + position, mask=query_valid, other=0.0)
     prob = tl.where(window_ok[None, :, :],
                     tl.exp2((affinity - lse[:, None, None]) * LOG2E), 0.0)
     prob_dp = prob * dp_window
@@ -204,12 +205,7 @@ def emim_backward_query_tensor_core_kernel(
         z = tl.dot(affinity_flat, w1t, input_precision=DOT_PRECISION) + tl.load(b1_ptr + units)[None, :]
         w2 = tl.load(w2_ptr + channels[:, None] * HIDDEN_PAD + units[None, :])  # (D pad, chunk)
         d_hidden = tl.dot(g, w2, input_precision=DOT_PRECISION)
-        # QuickGELU'(z) = s + 1.702 z s (1 - s) = s (1 + 1.702 z e s), s = sigmoid(1.702 z) = 1 / (1 + e),
-        # e = 2^(-1.702 log2(e) z) (so 1 - s = e s): one exp2 and a fast division (an overflowing e gives s = 0 and
-        # e s = NaN; the where keeps the limit 0).
-        e = tl.exp2(z * QUICK_GELU_LOG2)
-        sig = tl.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + e, ieee_rounding=False)
-        dz = tl.where(sig > 0.0, d_hidden * sig * (1.0 + 1.702 * z * e * sig), 0.0)
+        dz = d_hidden * fast_quick_gelu_and_grad(z)[1]
         w1 = tl.load(w1_ptr + units[:, None] * (SIDE * SIDE) + window_cols[None, :])  # (chunk, SIDE²)
         d_affinity_flat += tf32_dot(dz, w1, DOT_PRECISION)
     d_affinity = tl.where(window_ok[None, :, :], tl.reshape(d_affinity_flat, (TILE, SIDE, SIDE)), 0.0)

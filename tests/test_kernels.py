@@ -120,3 +120,48 @@ def test_fused_op_compiles_without_graph_breaks():
     assert torch.allclose(loss, eager_loss)
     for name, a, b in zip(GRAD_NAMES, grads, eager_grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+def test_weights_kernel_operands_follow_the_activation_dtype():
+    """The weights kernel multiplies in the activations' dtype (float32 "ieee" for float32); under the
+    interpreter bf16 inputs run its float32 operands (the interpreter's bf16 dot is wrong), while the compiled
+    launches (AOT tests, the static model) keep bf16."""
+    from emim_triton.checks import EMIMShape
+    from emim_triton.launch_configs import default_configs
+    from emim_triton.triton_backend import example_launches, weights_kernel_dtype
+
+    shape = EMIMShape(2, 3, 6, 6, 2, 16, 3)
+    for dtype, operand in ((torch.float32, "float32"), (torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+        configs = default_configs(6, 6, 3, 16, dtype)
+        launch = example_launches(shape, dtype, configs)["backward_weights"]
+        assert launch.constexprs["OPERAND"] == operand
+    assert weights_kernel_dtype(torch.bfloat16) is torch.float32  # the tests run in the interpreter
+    assert weights_kernel_dtype(torch.float16) is torch.float16
+
+
+def test_weights_kernel_compiles_for_sm90_to_16bit_tensor_core_products_without_spills():
+    """At the S16 stage-3 shape (bf16) with the shipped H200 configuration: no register spills, and each of the
+    four products (z, dz, dW1, dW2) is a bf16 warpgroup MMA."""
+    import inspect
+
+    from emim_triton.aot import CompileJob, aot_supported, compile_jobs, kernel_function
+    from emim_triton.bench_cli.sass import disassemble, parse_sass
+    from emim_triton.checks import EMIMShape
+    from emim_triton.triton_backend import example_launches
+    from emim_triton.tuning_cache import DeviceId, configs_from_json, entry_key, read_shipped_defaults
+
+    ok, why = aot_supported(90)
+    if not ok:
+        pytest.skip(why)
+    shape = EMIMShape(32, 16, 14, 14, 5, 64, 7)
+    entry = read_shipped_defaults()[DeviceId("NVIDIA H200", (9, 0)).slug][entry_key(shape, torch.bfloat16)]
+    launch = example_launches(shape, torch.bfloat16, configs_from_json(entry))["backward_weights"]
+    (info,) = compile_jobs([CompileJob.of_launch(launch, 90)], keep_cubin=True)
+    assert not isinstance(info, Exception), info
+    assert info.spills == 0, f"{info.spills} B of spills per thread"
+    kernel_file = inspect.getsourcefile(kernel_function(launch.kernel))
+    lines = open(kernel_file).read().splitlines()
+    products = {lines[ins.line_in(kernel_file) - 1].strip() for ins in parse_sass(disassemble(info.cubin)).executed()
+                if ins.mnemonic == "HGMMA" and "BF16" in ins.opcode and ins.line_in(kernel_file)}
+    for product in ("tl.dot(w1c, tl.trans(a)", "tl.dot(w2ct, tl.trans(g)", "dw1 = tl.dot(", "dw2t = tl.dot("):
+        assert any(product in text for text in products), (product, products)

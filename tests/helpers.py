@@ -100,3 +100,29 @@ def assert_equal_up_to_16bit_rounding(actual, expected) -> None:
     actual, expected = actual.float(), expected.float()
     allowed = torch.finfo(torch.float16).eps * expected.abs() + FP32_KERNEL_RTOL * expected.abs().max()
     assert ((actual - expected).abs() <= allowed).all()
+
+
+def compile_for_hopper(launch, also_sm80: bool = True, operand: str = ""):
+    """Compile `launch` for sm_90 (and sm_80) on the CPU: (the sm_90 `CompiledKernelInfo`, the stripped source
+    lines of the kernel's own file that issue HGMMA (warpgroup MMA) instructions there, restricted to opcodes
+    containing `operand`, e.g. "BF16"). Skips the test where Triton cannot compile for those targets; fails
+    when a compile does."""
+    import inspect
+
+    from emim_triton.aot import CompileJob, aot_supported, compile_jobs, kernel_function
+    from emim_triton.bench_cli.sass import disassemble, parse_sass
+
+    archs = (90, 80) if also_sm80 else (90,)
+    for arch in archs:
+        ok, why = aot_supported(arch)
+        if not ok:
+            pytest.skip(why)
+    infos = compile_jobs([CompileJob.of_launch(launch, arch) for arch in archs], keep_cubin=True)
+    for info in infos:
+        assert not isinstance(info, Exception), info
+    kernel_file = inspect.getsourcefile(kernel_function(launch.kernel))
+    lines = open(kernel_file).read().splitlines()
+    listing = parse_sass(disassemble(infos[0].cubin))
+    products = {lines[ins.line_in(kernel_file) - 1].strip() for ins in listing.executed()
+                if ins.mnemonic == "HGMMA" and operand in ins.opcode and ins.line_in(kernel_file)}
+    return infos[0], products

@@ -5,8 +5,6 @@ the GPU (tensor-core instructions in the products, no spills) where the AOT comp
 Every buffer the kernel writes starts as NaN, so an element it forgets to write fails the comparison.
 """
 
-import inspect
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from emim_triton.reference import affinities, emim_reference, frame_pairs, gathe
 from emim_triton.tensor_core_forward import (TensorCoreConfig, example_launch, forward_tensor_core,
                                              supports)
 from emim_triton.testing import FP32_KERNEL_RTOL, low_precision_bound
-from helpers import make_inputs, relative_error, test_device
+from helpers import compile_for_hopper, make_inputs, relative_error, test_device
 
 DEVICE = test_device()
 ON_GPU = DEVICE == "cuda"
@@ -127,23 +125,8 @@ def test_bad_configs_are_refused_by_name():
 def test_compiles_for_sm90_with_tensor_core_products_and_no_spills():
     """At the S16 stage-3 shape (bf16): no register spills, and the affinity and context products (and the
     MLP) are warpgroup MMAs on sm_90; it also compiles for sm_80 (no speed asked there)."""
-    from emim_triton.aot import CompileJob, aot_supported, compile_jobs, kernel_function
-    from emim_triton.bench_cli.sass import disassemble, parse_sass
-
-    for arch in (90, 80):
-        ok, why = aot_supported(arch)
-        if not ok:
-            pytest.skip(why)
-    launch = example_launch(EMIMShape(32, 16, 14, 14, 5, 64, 7), torch.bfloat16)
-    sm90, sm80 = compile_jobs([CompileJob.of_launch(launch, 90), CompileJob.of_launch(launch, 80)], keep_cubin=True)
-    for info in (sm90, sm80):
-        assert not isinstance(info, Exception), info
+    sm90, products = compile_for_hopper(example_launch(EMIMShape(32, 16, 14, 14, 5, 64, 7), torch.bfloat16))
     assert sm90.spills == 0, f"{sm90.spills} B of spills per thread"
-    listing = parse_sass(disassemble(sm90.cubin))
-    kernel_file = inspect.getsourcefile(kernel_function(launch.kernel))
-    lines = open(kernel_file).read().splitlines()
-    products = {lines[ins.line_in(kernel_file) - 1].strip() for ins in listing.executed()
-                if ins.mnemonic == "HGMMA" and ins.line_in(kernel_file)}
     assert any("tl.trans(k)" in text for text in products), products  # S = Q K^T
     assert any("p.to(v.dtype), v" in text for text in products), products  # context = P V
 

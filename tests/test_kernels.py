@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from emim_triton import emim_attention, emim_reference
-from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, TINY_SHAPES, low_precision_bound, make_inputs,
+from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, TINY_SHAPES, compile_for_hopper, low_precision_bound, make_inputs,
                      relative_error, test_device)
 
 DEVICE = test_device()
@@ -142,26 +142,14 @@ def test_weights_kernel_operands_follow_the_activation_dtype():
 def test_weights_kernel_compiles_for_sm90_to_16bit_tensor_core_products_without_spills():
     """At the S16 stage-3 shape (bf16) with the shipped H200 configuration: no register spills, and each of the
     four products (z, dz, dW1, dW2) is a bf16 warpgroup MMA."""
-    import inspect
-
-    from emim_triton.aot import CompileJob, aot_supported, compile_jobs, kernel_function
-    from emim_triton.bench_cli.sass import disassemble, parse_sass
     from emim_triton.checks import EMIMShape
     from emim_triton.triton_backend import example_launches
     from emim_triton.tuning_cache import DeviceId, configs_from_json, entry_key, read_shipped_defaults
 
-    ok, why = aot_supported(90)
-    if not ok:
-        pytest.skip(why)
     shape = EMIMShape(32, 16, 14, 14, 5, 64, 7)
     entry = read_shipped_defaults()[DeviceId("NVIDIA H200", (9, 0)).slug][entry_key(shape, torch.bfloat16)]
     launch = example_launches(shape, torch.bfloat16, configs_from_json(entry))["backward_weights"]
-    (info,) = compile_jobs([CompileJob.of_launch(launch, 90)], keep_cubin=True)
-    assert not isinstance(info, Exception), info
-    assert info.spills == 0, f"{info.spills} B of spills per thread"
-    kernel_file = inspect.getsourcefile(kernel_function(launch.kernel))
-    lines = open(kernel_file).read().splitlines()
-    products = {lines[ins.line_in(kernel_file) - 1].strip() for ins in parse_sass(disassemble(info.cubin)).executed()
-                if ins.mnemonic == "HGMMA" and "BF16" in ins.opcode and ins.line_in(kernel_file)}
+    sm90, products = compile_for_hopper(launch, also_sm80=False, operand="BF16")
+    assert sm90.spills == 0, f"{sm90.spills} B of spills per thread"
     for product in ("tl.dot(w1c, tl.trans(a)", "tl.dot(w2ct, tl.trans(g)", "dw1 = tl.dot(", "dw2t = tl.dot("):
         assert any(product in text for text in products), (product, products)

@@ -15,7 +15,7 @@ from emim_triton.launch_configs import default_configs
 from emim_triton.tensor_core_forward import TensorCoreConfig
 from emim_triton.tensor_core_key_value import backward_key_value_tensor_core_launch, example_launch, supports
 from helpers import (FP32_KERNEL_RTOL, TENSOR_CORE_BACKWARD_SHAPES, assert_equal_up_to_16bit_rounding, backward_case,
-                     make_inputs, relative_error, test_device)
+                     compile_for_hopper, make_inputs, relative_error, test_device)
 
 DEVICE = test_device()
 
@@ -90,3 +90,12 @@ def test_bad_arguments_are_refused_by_name():
         example_launch(shape, torch.float16, cfg=default_configs(8, 8, 3, 16).backward_key_value)
     with pytest.raises(ValueError, match="halo_block_rows"):
         example_launch(shape, torch.float16, cfg=TensorCoreConfig(4, 4, halo_block_rows=1))
+
+
+def test_compiles_for_sm90_with_tensor_core_products_and_no_spills():
+    """At the S16 stage-3 shape (bf16) with its default configuration: no register spills, and S = K Q^T,
+    dV = P^T G and dK = dA^T Q are warpgroup MMAs on sm_90; it also compiles for sm_80."""
+    sm90, products = compile_for_hopper(example_launch(EMIMShape(32, 16, 14, 14, 5, 64, 7), torch.bfloat16))
+    assert sm90.spills == 0, f"{sm90.spills} B of spills per thread"
+    for product in ("s = tl.dot(k, tl.trans(q)", "dv += split_dot_both(p, g", "dk += split_dot(da_head, da_tail, q"):
+        assert any(line.startswith(product) for line in products), (product, products)

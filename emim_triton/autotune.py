@@ -20,7 +20,10 @@ call `reset()` after changing the cache directory or the environment.
 op's own launch descriptions, ``triton_backend.example_launches``), dropped if the compiled kernel does
 not fit (shared memory beyond the device's limit, register spills), else timed with
 ``triton.testing.do_bench`` (median). The fastest wins per kernel; the winners together must then give
-the heuristic's results on random inputs before they are returned.
+the heuristic's results on random inputs before they are returned. Then the strategy of each direction
+(``strategies``): the tensor-core kernels, where they take the shape, are timed against the tuned offset-loop
+kernels of that direction, and recorded as the configurations' strategy only where faster and giving the
+offset loop's outputs and gradients (`choose_strategies`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import triton.testing  # not always imported by `import triton`
 
 from .checks import EMIMShape
 from .launch_configs import EMIMConfigs, KERNELS, candidate_configs, default_configs, interpreter_configs
-from . import triton_backend
+from . import strategies, tensor_core_backward, tensor_core_forward, tensor_core_key_value, triton_backend
 from .environment import interpreter_enabled
 from .testing import INPUT_NAMES, SAME_FUNCTION_RTOL, make_inputs, relative_error
 from .tuning_cache import (DeviceId, TuningCache, configs_from_json, dtype_name, entry_key,
@@ -193,6 +196,7 @@ class TuneResult:
     configs: EMIMConfigs
     heuristic: EMIMConfigs
     trials: dict[str, list[Trial]] = field(default_factory=dict)
+    strategy_trials: dict[str, "StrategyTrial"] = field(default_factory=dict)
 
     def best(self, kernel: str) -> Trial | None:
         timed = [t for t in self.trials.get(kernel, ()) if t.median_ms is not None]
@@ -213,7 +217,8 @@ class TuneResult:
                                "candidates": len(self.trials[kernel])}
         return {"shape": [s.batch, s.frames, s.height, s.width, s.heads, s.head_dim, s.window],
                 "dtype": dtype_name(self.dtype), "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "kernels": kernels}
+                "kernels": kernels,
+                "strategies": {kind: dataclasses.asdict(trial) for kind, trial in self.strategy_trials.items()}}
 
 
 Progress = Callable[[str, int, int, Trial], None]
@@ -250,9 +255,11 @@ def tune(shape: EMIMShape, dtype: torch.dtype, *, max_configs: int | None = None
             notes = "; ".join(f"{t.config}: {t.note}" for t in trials[:5])
             raise RuntimeError(f"autotune: no candidate of the {kernel} kernel ran at {shape} ({notes})")
         winners[kernel] = best.config
-    del tensors  # free the stand-in tensors before checking the winners
     result.configs = EMIMConfigs(**winners)
+    result.strategy_trials = time_strategies(result, tensors, warmup_ms, rep_ms)
+    del tensors  # free the stand-in tensors before checking the winners
     check_same_results(shape, dtype, result.configs, heuristic)
+    result.configs = choose_strategies(shape, dtype, result.configs, result.strategy_trials)
     return result
 
 
@@ -322,8 +329,76 @@ def _time_candidate(kernel, cfg, shape, dtype, heuristic, tensors: _DeviceTensor
     return Trial(kernel, cfg, float(ms), f"spills {spills} B" if spills else "")
 
 
+@dataclass
+class StrategyTrial:
+    """One direction's two strategies at the tuned shape: the offset loop's time (its tuned kernels; the
+    backward's query and key/value sides, the weights kernel being shared), the tensor-core kernels' (their
+    default configurations), and what was chosen and why."""
+
+    offset_loop_ms: float
+    tensor_core_ms: float | None
+    chosen: str = "offset_loop"
+    note: str = ""
+
+
+def _tensor_core_launches(kind: str, shape: EMIMShape, dtype: torch.dtype) -> list:
+    if kind == "forward":
+        return [tensor_core_forward.example_launch(shape, dtype)]
+    return [tensor_core_backward.example_launch(shape, dtype), tensor_core_key_value.example_launch(shape, dtype)]
+
+
+def time_strategies(result: TuneResult, tensors: "_DeviceTensors", warmup_ms: float, rep_ms: float
+                    ) -> dict[str, StrategyTrial]:
+    """Time the tensor-core kernels of each direction that takes the shape, next to the tuned offset loop."""
+    trials = {}
+    offset_kernels = {"forward": ("forward",), "backward": ("backward_query", "backward_key_value")}
+    for kind, kernels in offset_kernels.items():
+        offset_ms = sum(result.best(kernel).median_ms for kernel in kernels)
+        if not strategies.tensor_core_takes(kind, result.shape, result.dtype):
+            trials[kind] = StrategyTrial(offset_ms, None, note="the tensor-core kernels do not take this case")
+            continue
+        try:
+            launches = [tensors.materialize(launch) for launch in _tensor_core_launches(kind, result.shape,
+                                                                                        result.dtype)]
+            tensor_core_ms = sum(float(triton.testing.do_bench(launch, warmup=warmup_ms, rep=rep_ms,
+                                                               return_mode="median")) for launch in launches)
+        except Exception as e:  # a kernel that does not compile or fit here: keep the offset loop, say why
+            trials[kind] = StrategyTrial(offset_ms, None, note=f"failed: {type(e).__name__}: "
+                                                                f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            continue
+        trials[kind] = StrategyTrial(offset_ms, tensor_core_ms)
+    return trials
+
+
+def choose_strategies(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs,
+                      trials: dict[str, StrategyTrial], device: torch.device | None = None) -> EMIMConfigs:
+    """`configs` with the tensor-core strategy of each direction whose kernels were timed faster, if the op then
+    gives the offset loop's outputs and gradients (`check_same_results`); otherwise unchanged (with a warning
+    naming the difference). Records the outcome in `trials`."""
+    faster = [kind for kind, trial in trials.items()
+              if trial.tensor_core_ms is not None and trial.tensor_core_ms < trial.offset_loop_ms]
+    for kind, trial in trials.items():
+        if trial.tensor_core_ms is not None and kind not in faster:
+            trial.note = "the offset loop is faster"
+    if not faster:
+        return configs
+    chosen = dataclasses.replace(configs, **{f"{kind}_strategy": "tensor_core" for kind in faster})
+    try:
+        check_same_results(shape, dtype, chosen, configs, device=device, against="the offset loop's")
+    except RuntimeError as e:
+        warnings.warn(f"emim_triton: the tensor-core kernels are faster at {shape} ({dtype}) but not used: {e}",
+                      RuntimeWarning, stacklevel=2)
+        for kind in faster:
+            trials[kind].note = f"faster, but rejected: {e}"
+        return configs
+    for kind in faster:
+        trials[kind].chosen = "tensor_core"
+        trials[kind].note = "faster, and the same results"
+    return chosen
+
+
 def check_same_results(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs, reference: EMIMConfigs,
-                       seed: int = 0, device: torch.device | None = None) -> None:
+                       seed: int = 0, device: torch.device | None = None, against: str = "the heuristic's") -> None:
     """Raise if `configs` and `reference` give different outputs or gradients on random inputs
     (`testing.SAME_FUNCTION_RTOL` apart).
 
@@ -336,13 +411,15 @@ def check_same_results(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfig
     grad_out = torch.randn(inputs["q"].shape, device=device, generator=gen).to(dtype)
     scale, pad = shape.head_dim ** -0.5, 1e-6
 
-    def run(cfgs):
-        out, lse = triton_backend.forward(*inputs.values(), shape, scale, pad, cfgs, store_lse=True)
-        return (out, *triton_backend.backward(grad_out, *inputs.values(), lse, shape, scale, pad, cfgs))
+    def run(cfgs):  # each with the strategies its configurations record, whatever the environment forces
+        out, lse = strategies.forward(*inputs.values(), shape, scale, pad, cfgs, store_lse=True,
+                                      strategy=cfgs.forward_strategy)
+        return (out, *strategies.backward(grad_out, *inputs.values(), lse, shape, scale, pad, cfgs,
+                                          strategy=cfgs.backward_strategy))
 
     names = ("out", *(f"d{name}" for name in INPUT_NAMES))
     for name, got, want in zip(names, run(configs), run(reference)):
         err = relative_error(got, want)
         if not err <= SAME_FUNCTION_RTOL[dtype]:  # NaN fails too
             raise RuntimeError(f"autotune: the tuned configurations {configs} change {name} by a relative "
-                               f"{err:.2e} against the heuristic's at {shape}, {dtype}; not using them")
+                               f"{err:.2e} against {against} at {shape}, {dtype}; not using them")

@@ -11,32 +11,31 @@ import os
 # What `emim_attention(..., backend=)` and `EMIM(backend=)` accept.
 BACKENDS = ("auto", "triton", "reference")
 
-# The fused forward's two strategies: the offset loop on CUDA cores (the default, measured on an H200), and the
-# tensor-core halo kernel (kernels/forward_tensor_core.py: modelled 6x faster at S16 stage 3, not yet measured
-# or validated in bf16 on a GPU, so it runs only when asked for).
+# The fused op's two kernel strategies per direction (emim_triton/strategies.py says which runs): the offset loop
+# on CUDA cores (measured on an H200), and the tensor-core halo kernels (kernels/*_tensor_core.py: modelled
+# several times faster). Unset, the op runs what the shape's tuned configurations record (the autotuner picks the
+# tensor-core kernels where they are faster and give the same results), else the offset loop; set, it forces
+# one. The backward's variable covers its query and key/value sides (the weights kernel is shared).
 FORWARD_STRATEGY_ENV = "EMIM_TRITON_FORWARD"
-FORWARD_STRATEGIES = ("offset_loop", "tensor_core")
-# The same choice for the query side of the backward (kernels/backward_query_tensor_core.py; the key/value and
-# weights kernels are shared).
 BACKWARD_STRATEGY_ENV = "EMIM_TRITON_BACKWARD"
-BACKWARD_STRATEGIES = ("offset_loop", "tensor_core")
+STRATEGIES = ("offset_loop", "tensor_core")
 
 
-def _requested_strategy(variable: str, strategies: tuple[str, ...]) -> str:
-    value = os.environ.get(variable, "") or strategies[0]
-    if value not in strategies:
-        raise ValueError(f"{variable} must be one of {strategies} (or unset), got {value!r}")
-    return value
+def _requested_strategy(variable: str) -> str | None:
+    value = os.environ.get(variable, "")
+    if value and value not in STRATEGIES:
+        raise ValueError(f"{variable} must be one of {STRATEGIES} (or unset), got {value!r}")
+    return value or None
 
 
-def requested_forward_strategy() -> str:
-    """The forward strategy EMIM_TRITON_FORWARD asks for ("offset_loop" when unset)."""
-    return _requested_strategy(FORWARD_STRATEGY_ENV, FORWARD_STRATEGIES)
+def requested_forward_strategy() -> str | None:
+    """The forward strategy EMIM_TRITON_FORWARD forces, or None when it is unset."""
+    return _requested_strategy(FORWARD_STRATEGY_ENV)
 
 
-def requested_backward_strategy() -> str:
-    """The query-side backward strategy EMIM_TRITON_BACKWARD asks for ("offset_loop" when unset)."""
-    return _requested_strategy(BACKWARD_STRATEGY_ENV, BACKWARD_STRATEGIES)
+def requested_backward_strategy() -> str | None:
+    """The backward strategy EMIM_TRITON_BACKWARD forces, or None when it is unset."""
+    return _requested_strategy(BACKWARD_STRATEGY_ENV)
 
 
 def interpreter_enabled() -> bool:

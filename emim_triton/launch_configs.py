@@ -13,6 +13,8 @@ from itertools import product
 
 import torch
 
+from .environment import STRATEGIES
+
 # On a GPU tl.dot needs its inner dimension >= 16 (the interpreter accepts less); we keep every dot
 # dimension (query tile, padded window, hidden chunk, padded D) >= 16 so all map onto tensor-core shapes.
 MIN_DOT_DIM = 16
@@ -90,12 +92,22 @@ class RowConfig:
 
 @dataclass(frozen=True)
 class EMIMConfigs:
-    """One configuration per kernel of the op: the forward and the three backward kernels."""
+    """One configuration per kernel of the op (the forward and the three backward kernels of the offset-loop
+    strategy), and the strategy of each direction (emim_triton/strategies.py): "offset_loop" unless the
+    autotuner found the tensor-core kernels faster and equal in results (their launch configurations are their
+    own defaults)."""
 
     forward: TileConfig
     backward_query: TileConfig
     backward_key_value: TileConfig
     backward_weights: RowConfig
+    forward_strategy: str = "offset_loop"
+    backward_strategy: str = "offset_loop"
+
+    def __post_init__(self):
+        for name in ("forward_strategy", "backward_strategy"):
+            if getattr(self, name) not in STRATEGIES:
+                raise ValueError(f"EMIMConfigs: {name} must be one of {STRATEGIES}, got {getattr(self, name)!r}")
 
 
 # Query tiles above 64 positions spill registers in the AOT compile (K=5: 128 queries x 32 channels of
@@ -196,7 +208,7 @@ SEARCH_SPACE = {
     "backward_weights": dict(block_rows=(32, 64, 128), hidden_chunk=(16, 32, 64), programs=(32, 128, 512),
                              num_warps=(4, 8), num_stages=(1, 2)),
 }
-KERNELS = tuple(SEARCH_SPACE)  # also the field names of EMIMConfigs
+KERNELS = tuple(SEARCH_SPACE)  # also the names of EMIMConfigs' per-kernel fields
 
 # Static fit rules, calibrated on AOT compiles for sm_90 (bf16, K 7 and 15, D 64 and 128; no GPU needed),
 # counting register-resident float32 elements per thread:

@@ -7,8 +7,9 @@ models through the op without a graph break, and AOTAutograd sees the backward a
 Both take the op's variant options as trailing scalars with the paper's defaults (direction "next",
 dilation 1, context_channels 0 = all channels; `triton_backend.Variant`). The inputs arrive checked
 (`emim_attention` checks them once). Each op asks the tuner for the shape's launch
-configurations (`autotune.resolve_configs`) and hands them to the launcher (`triton_backend`), which depends
-on nothing above it.
+configurations (`autotune.resolve_configs`) and hands them to `strategies`, which runs the kernels of the
+strategy asked for through the launchers (`triton_backend` and the tensor-core modules); none of them depends
+on anything above it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import autotune, tensor_core_backward, tensor_core_forward, tensor_core_key_value, triton_backend
+from . import autotune, strategies, triton_backend
 from .checks import EMIMShape
 from .cost_model import emim_cost
-from .environment import requested_backward_strategy, requested_forward_strategy
 
 
 @torch.library.custom_op("emim_triton::emim_forward", mutates_args=())
@@ -31,13 +31,10 @@ def emim_forward_op(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, w1: Tensor, b1
     (B, pairs, H, W, heads) float32, the only thing the backward keeps besides the inputs."""
     shape = EMIMShape.of(q, rpb)
     variant = triton_backend.Variant(direction, dilation, context_channels)
-    if requested_forward_strategy() == "tensor_core" and tensor_core_forward.supports(shape, q.dtype, variant):
-        # Same outputs (out, and the lse the backward kernels consume): the backward is shared.
-        return tensor_core_forward.forward_tensor_core(q, k, v, rpb, w1, b1, w2, b2, shape, scale, pad_value,
-                                                       store_lse=True, variant=variant)
     configs = autotune.resolve_configs(shape, q.dtype).configs
-    return triton_backend.forward(q, k, v, rpb, w1, b1, w2, b2, shape, scale, pad_value, configs, store_lse=True,
-                                  variant=variant)
+    # Either strategy writes the same out and lse (the backward's input), so the two directions choose freely.
+    return strategies.forward(q, k, v, rpb, w1, b1, w2, b2, shape, scale, pad_value, configs, store_lse=True,
+                              variant=variant)
 
 
 @emim_forward_op.register_fake
@@ -58,14 +55,8 @@ def emim_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Ten
     shape = EMIMShape.of(q, rpb)
     variant = triton_backend.Variant(direction, dilation, context_channels)
     configs = autotune.resolve_configs(shape, q.dtype).configs
-    query_launch = key_value_launch = None
-    if requested_backward_strategy() == "tensor_core":  # each side where its kernel takes the case
-        if tensor_core_backward.supports(shape, q.dtype, variant):
-            query_launch = tensor_core_backward.backward_query_tensor_core_launch
-        if tensor_core_key_value.supports(shape, q.dtype, variant):
-            key_value_launch = tensor_core_key_value.backward_key_value_tensor_core_launch
-    return triton_backend.backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape, scale, pad_value, configs,
-                                   variant=variant, query_launch=query_launch, key_value_launch=key_value_launch)
+    return strategies.backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape, scale, pad_value, configs,
+                               variant=variant)
 
 
 @emim_backward_op.register_fake

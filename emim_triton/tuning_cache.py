@@ -87,7 +87,8 @@ def entry_key(shape: EMIMShape, dtype: torch.dtype) -> str:
 
 
 def configs_to_json(configs: EMIMConfigs) -> dict:
-    return {kernel: getattr(configs, kernel).as_dict() for kernel in KERNELS}
+    return {**{kernel: getattr(configs, kernel).as_dict() for kernel in KERNELS},
+            "strategies": {"forward": configs.forward_strategy, "backward": configs.backward_strategy}}
 
 
 def configs_from_json(entry: dict) -> EMIMConfigs:
@@ -100,7 +101,11 @@ def configs_from_json(entry: dict) -> EMIMConfigs:
             if not isinstance(fields, dict) or not all(isinstance(v, int) and v > 0 for v in fields.values()):
                 raise ValueError(f"{kernel}: expected positive integer fields, got {fields!r}")
             built[kernel] = cls(**fields)
-        return EMIMConfigs(**built)
+        # Entries written before the strategies were recorded (the shipped ones among them) run the offset loop.
+        strategies = entry.get("strategies", {})
+        if not isinstance(strategies, dict) or set(strategies) - {"forward", "backward"}:
+            raise ValueError(f"strategies: expected {{'forward': ..., 'backward': ...}}, got {strategies!r}")
+        return EMIMConfigs(**built, **{f"{kind}_strategy": value for kind, value in strategies.items()})
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed entry ({type(e).__name__}: {e})") from e
 

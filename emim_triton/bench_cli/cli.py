@@ -21,7 +21,7 @@ import torch
 
 from ..checks import DIRECTIONS
 from ..cost_model import MODES
-from ..environment import BACKWARD_STRATEGIES, FORWARD_STRATEGIES
+from ..environment import STRATEGIES
 from .backends import BACKENDS, DEFAULT_BACKENDS
 from .cases import DTYPES, BenchCase, cases_from_model, default_cases, parse_shape
 from ..output_paths import directory_problem, file_problem
@@ -164,12 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--sass-dir", metavar="DIR", help="also write each kernel's SASS listing there")
     p.add_argument("--no-cache", action="store_true", help="compile again even if cached")
-    p.add_argument("--forward", choices=FORWARD_STRATEGIES, default=FORWARD_STRATEGIES[0],
-                   help="the forward strategy to model (default offset_loop, what the op runs unless "
-                        "EMIM_TRITON_FORWARD=tensor_core)")
-    p.add_argument("--backward", choices=BACKWARD_STRATEGIES, default=BACKWARD_STRATEGIES[0],
+    p.add_argument("--forward", choices=STRATEGIES, default=STRATEGIES[0],
+                   help="the forward strategy to model (default offset_loop, what the op runs unless a tuned "
+                        "entry chose tensor_core or EMIM_TRITON_FORWARD forces it)")
+    p.add_argument("--backward", choices=STRATEGIES, default=STRATEGIES[0],
                    help="the backward strategy of the query and key/value kernels to model (default offset_loop, "
-                        "what the op runs unless EMIM_TRITON_BACKWARD=tensor_core)")
+                        "what the op runs unless a tuned entry chose tensor_core or EMIM_TRITON_BACKWARD "
+                        "forces it)")
     return parser
 
 

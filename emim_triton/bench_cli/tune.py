@@ -69,6 +69,10 @@ def run_autotune(cases: list[BenchCase], dtype: torch.dtype, *, max_configs: int
             base_ms = f"{base.median_ms:.3f}" if base and base.median_ms else "-"
             out(f"  {kernel:19} {describe(best.config):50} {best.median_ms:8.3f} {base_ms:>12} {gain:>6} "
                 f"{timed:>5}/{len(trials):<5}")
+        for kind, trial in result.strategy_trials.items():
+            tensor_core = f"{trial.tensor_core_ms:.3f} ms" if trial.tensor_core_ms is not None else "-"
+            out(f"  {kind} strategy: offset loop {trial.offset_loop_ms:.3f} ms, tensor core {tensor_core} -> "
+                f"{trial.chosen} ({trial.note})")
     out(f"\nwrote {len(tuned)} entr{'y' if len(tuned) == 1 else 'ies'} to {cache.path}")
     if write_defaults is not None:
         add_to_shipped_defaults(write_defaults, device, tuned, triton.__version__, autotune.KERNEL_VERSION)

@@ -2,7 +2,9 @@
 # Everything this project checks and times on a GPU, in stages that each fit one 10-minute device call.
 #
 #   bash bench/gpu_session.sh check     GPU test suite + a short run of every GPU code path (bugs first)
-#   bash bench/gpu_session.sh measure   autotune (S16 stage 3 and 4, generation shape) + compare (all backends)
+#   bash bench/gpu_session.sh measure   autotune (S16 stage 3 and 4, generation shape; it also times the
+#                                       tensor-core kernels and records them where faster and equal in results)
+#                                       + compare (all backends, with what the tuning chose)
 #   bash bench/gpu_session.sh models    GPU tests of the fixes, compare fused/eager/compiled, model steps
 #   bash bench/gpu_session.sh train     profile of a UniFormer-S16 step, trainer throughput, the tiny
 #                                       motion models trained on the GPU (fused op)

@@ -143,3 +143,27 @@ def test_lock_of_a_killed_trainer_is_not_stuck(tmp_path):
         holder.wait()
         if child:
             os.kill(child, signal.SIGKILL)
+
+
+def test_config_and_missing_video_list_are_written_whole(tiny, tmp_path, monkeypatch):
+    """config.yaml and missing_videos.txt go through rundir.write_atomic like the checkpoints (a kill mid-write
+    leaves the old file or none, never half of one), and config.yaml reads back as the run's configuration."""
+    from emim_triton.train.config import load_yaml
+
+    options = list(tiny)
+    train_list = options[options.index("--train-list") + 1]
+    with open(train_list) as handle:
+        entries = json.load(handle)
+    with_a_missing_video = tmp_path / "train-with-missing.json"
+    with_a_missing_video.write_text(json.dumps(entries + [{**entries[0], "id": "not-on-disk"}]))
+    options[options.index("--train-list") + 1] = str(with_a_missing_video)
+
+    written = []
+    real = rundir.write_atomic
+    monkeypatch.setattr(rundir, "write_atomic", lambda path, write: written.append(os.path.basename(path))
+                        or real(path, write))
+    run = tmp_path / "run"
+    assert main(options + ["--run-dir", str(run)]) == 0
+    assert {"config.yaml", "missing_videos.txt"} <= set(written)
+    assert (run / "missing_videos.txt").read_text().strip().endswith("not-on-disk.webm")
+    assert load_yaml(str(run / "config.yaml"))["run_dir"] == str(run)

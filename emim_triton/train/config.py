@@ -344,7 +344,7 @@ def from_plain(data: dict) -> TrainConfig:
     return TrainConfig(**{k: coerce(k, v, "from the checkpoint") for k, v in data.items() if k in FIELDS})
 
 
-def write_config(cfg: TrainConfig, path: str) -> None:
-    with open(path, "w") as handle:
-        handle.write("# Resolved configuration of this run (emim-train --config <this file> repeats it)\n")
-        yaml.safe_dump(to_plain(cfg), handle, sort_keys=False)
+def config_text(cfg: TrainConfig) -> str:
+    """The run's config.yaml: the resolved configuration, which `emim-train --config` reads back."""
+    return ("# Resolved configuration of this run (emim-train --config <this file> repeats it)\n"
+            + yaml.safe_dump(to_plain(cfg), sort_keys=False))

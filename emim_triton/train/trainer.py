@@ -37,7 +37,7 @@ from emim_triton.data.seeding import derive_seed, generator
 
 from . import checkpoint as ckpt
 from . import rundir
-from .config import ConfigError, TrainConfig, to_plain, write_config
+from .config import ConfigError, TrainConfig, config_text, to_plain
 from .distributed import Dist, all_gather_objects, any_true, barrier
 from .ema import ModelEMA
 from .evaluate import EvaluationInterrupted, evaluate
@@ -147,11 +147,11 @@ class Trainer:
         if resume:
             self._resume(resume)
         if dist.is_main:
-            write_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            # Whole or not at all, like every file of the run directory (rundir.write_text).
+            rundir.write_text(os.path.join(cfg.run_dir, "config.yaml"), config_text(cfg))
             missing = [p for d in self.datasets.values() for p in d.missing]
             if missing:
-                with open(os.path.join(cfg.run_dir, "missing_videos.txt"), "w") as handle:
-                    handle.writelines(p + "\n" for p in missing)
+                rundir.write_text(os.path.join(cfg.run_dir, "missing_videos.txt"), "".join(p + "\n" for p in missing))
 
     def _resume(self, path: str) -> None:
         state = ckpt.load(path)

@@ -295,8 +295,10 @@ class _DeviceTensors:
         self.generator = torch.Generator(device).manual_seed(0)
 
     def materialize(self, launch):
-        args = {name: self._real(name, value) if isinstance(value, torch.Tensor) else value
-                for name, value in launch.args.items()}
+        """`launch` with its meta tensors replaced by random device tensors; tensors with values (the
+        tensor-core key/value kernel's geometry table, whose indices must be real) are moved to the device."""
+        args = {name: (self._real(name, value) if value.is_meta else value.to(self.device))
+                if isinstance(value, torch.Tensor) else value for name, value in launch.args.items()}
         return dataclasses.replace(launch, args=args)
 
     def _real(self, name: str, meta: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,11 @@ def supports(shape: EMIMShape, dtype: torch.dtype, variant: Variant = DEFAULT_VA
     ("ieee") products, which do not run on tensor cores. K = 9 pads the window to 16 x 16 (the MLP input 256
     wide) and spills 428 B a thread; K >= 11 takes 4 x 4 or 2 x 8 query tiles, too small for wgmma.
     """
-    return dtype in (torch.float16, torch.bfloat16) and variant.dilation == 1 and shape.window <= 7
+    # The tensor-core kernels index within one frame (pair) in int32: a frame's rows of D channels or K² scratch
+    # entries must stay below 2**31 elements (a 2048 x 2048 frame with 16 heads and K = 7 does not).
+    frame_elements = shape.height * shape.width * shape.heads * max(padded_head_dim(shape.head_dim), shape.window_area)
+    return (dtype in (torch.float16, torch.bfloat16) and variant.dilation == 1 and shape.window <= 7
+            and frame_elements < 2 ** 31)
 
 
 def window_pad_side(window: int) -> int:

@@ -35,25 +35,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, context_channel_mask, fast_quick_gelu_and_grad, frame_pair, head_of_frame, round_to_tf32,
-                     split, split_dot)
-
-
-@triton.jit
-def split_to(g, dtype: tl.constexpr):
-    """(head, tail) of the float32 upstream gradient g in the 16-bit `dtype` of v, for dP = head v + tail v on
-    16-bit tensor cores (half the operand registers of a tf32 split, which spilled): head + tail = g to 16 (bf16)
-    or 22 (fp16) bits. g holds the op's fp16/bf16 upstream gradient, so head alone is g, except in the pair that
-    folds two output frames' gradients (direction "next"), where the tail keeps the sum's low bits (in fp16 to
-    the subnormal spacing 6e-8, the resolution of the gradient itself). fp16: head is clamped to the largest
-    finite value (that sum may pass it), the tail takes the excess. float32: (g, 0).
-    """
-    if dtype == tl.float32:
-        return g, tl.zeros_like(g)
-    if dtype == tl.float16:
-        head = tl.minimum(tl.maximum(g, -65504.0), 65504.0).to(dtype)
-    else:
-        head = g.to(dtype)
-    return head, (g - head.to(tl.float32)).to(dtype)
+                     split, split_dot, split_to)
 
 
 @triton.jit
@@ -234,7 +216,7 @@ def emim_backward_query_tensor_core_kernel(
         k = tl.load(k_frame + sy[:, None] * stride_ky + sx[:, None] * stride_kx + channels[None, :],
                     mask=in_frame[:, None] & channel_ok[None, :], other=pad_value)
         da_head, da_tail = split(tl.reshape(d_affinity_block, (TILE, BLOCK_SLOTS)), DOT_PRECISION)
-        dq += split_dot(da_head, da_tail, k.to(tl.float32), DOT_PRECISION)
+        dq = split_dot(da_head, da_tail, k.to(tl.float32), dq, DOT_PRECISION)
     dq = tl.where(context_channel_mask(channels, context_channels)[None, :], dq * scale, 0.0)
 
     # dq is contiguous (B, T, H, W, heads, D).

@@ -138,6 +138,25 @@ def fast_quick_gelu_and_grad(z):
 
 
 @triton.jit
+def split_to(x, dtype: tl.constexpr):
+    """(head, tail) of a float32 `x` in the 16-bit `dtype`, for x @ b = head @ b + tail @ b on 16-bit tensor
+    cores (half the operand registers and shared memory of a tf32 split): head + tail = x to 16 (bf16) or 22
+    (fp16) bits. Used for the upstream gradient g (the op's fp16/bf16 gradient, so head alone is g, except in the
+    pair that folds two output frames' gradients, where the tail keeps the sum's low bits: in fp16 to the
+    subnormal spacing 6e-8, the resolution of the gradient itself) and for probabilities p in [0, 1]. fp16:
+    head is clamped to the largest finite value (the folded sum may pass it), the tail takes the excess.
+    float32: (x, 0).
+    """
+    if dtype == tl.float32:
+        return x, tl.zeros_like(x)
+    if dtype == tl.float16:
+        head = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(dtype)
+    else:
+        head = x.to(dtype)
+    return head, (x - head.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def split(a, DOT_PRECISION: tl.constexpr):
     """(head, tail) of a float32 `a` for `split_dot`: head = a rounded to tf32, tail = the rest."""
     head = round_to_tf32(a, DOT_PRECISION)
@@ -145,13 +164,14 @@ def split(a, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def split_dot(head, tail, b, DOT_PRECISION: tl.constexpr):
-    """a @ b to about float32 accuracy, a = head + tail (`split`), for a `b` exact in tf32 (upcast fp16/bf16
-    values): two tf32 products, the tail's truncation by the tensor cores costing ~2^-21 of a. "ieee" dots are
-    exact already: one product (the tail is 0)."""
+def split_dot(head, tail, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b to about float32 accuracy, a = head + tail (`split`), for a `b` exact in tf32 (upcast fp16/bf16
+    values): two tf32 products accumulated on the tensor cores, the tail's truncation by the tensor cores costing
+    ~2^-21 of a. "ieee" dots are exact already: one product (the tail is 0)."""
+    acc = tl.dot(head, b, acc, input_precision=DOT_PRECISION)
     if DOT_PRECISION == "tf32":
-        return tl.dot(head, b, input_precision=DOT_PRECISION) + tl.dot(tail, b, input_precision=DOT_PRECISION)
-    return tl.dot(head, b, input_precision=DOT_PRECISION)
+        acc = tl.dot(tail, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit

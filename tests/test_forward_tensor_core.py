@@ -111,6 +111,9 @@ def test_supports_the_fast_cases_only():
     assert not supports(s16, torch.bfloat16, triton_backend.Variant(dilation=2))
     assert supports(EMIMShape(1, 2, 8, 8, 1, 128, 7), torch.bfloat16)
     assert not supports(EMIMShape(1, 2, 8, 8, 1, 64, 9), torch.bfloat16)
+    # a frame whose rows pass int32 offsets stays on the offset loop
+    assert supports(EMIMShape(1, 2, 1024, 1024, 16, 64, 7), torch.bfloat16)
+    assert not supports(EMIMShape(1, 2, 2048, 2048, 16, 64, 7), torch.bfloat16)
 
 
 def test_bad_configs_are_refused_by_name():

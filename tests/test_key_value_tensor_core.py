@@ -97,5 +97,5 @@ def test_compiles_for_sm90_with_tensor_core_products_and_no_spills():
     dV = P^T G and dK = dA^T Q are warpgroup MMAs on sm_90; it also compiles for sm_80."""
     sm90, products = compile_for_hopper(example_launch(EMIMShape(32, 16, 14, 14, 5, 64, 7), torch.bfloat16))
     assert sm90.spills == 0, f"{sm90.spills} B of spills per thread"
-    for product in ("s = tl.dot(k, tl.trans(q)", "dv += split_dot_both(p, g", "dk += split_dot(da_head, da_tail, q"):
+    for product in ("s = tl.dot(k, tl.trans(q)", "dv = split_dot_16bit(p, g", "dk = split_dot(da_head, da_tail, q"):
         assert any(line.startswith(product) for line in products), (product, products)

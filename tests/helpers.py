@@ -104,12 +104,11 @@ def assert_equal_up_to_16bit_rounding(actual, expected) -> None:
 
 def compile_for_hopper(launch, also_sm80: bool = True, operand: str = ""):
     """Compile `launch` for sm_90 (and sm_80) on the CPU: (the sm_90 `CompiledKernelInfo`, the stripped source
-    lines of the kernel's own file that issue HGMMA (warpgroup MMA) instructions there, restricted to opcodes
-    containing `operand`, e.g. "BF16"). Skips the test where Triton cannot compile for those targets; fails
-    when a compile does."""
-    import inspect
-
-    from emim_triton.aot import CompileJob, aot_supported, compile_jobs, kernel_function
+    lines that issue HGMMA (warpgroup MMA) instructions there, restricted to opcodes containing `operand`, e.g.
+    "BF16"). Every line of an instruction's location chain counts: triton 3.9 records the call site in the
+    kernel of a product made in a helper, triton 3.6 only the helper's own line, so a test names both. Skips
+    the test where Triton cannot compile for those targets; fails when a compile does."""
+    from emim_triton.aot import CompileJob, aot_supported, compile_jobs
     from emim_triton.bench_cli.sass import disassemble, parse_sass
 
     archs = (90, 80) if also_sm80 else (90,)
@@ -120,9 +119,18 @@ def compile_for_hopper(launch, also_sm80: bool = True, operand: str = ""):
     infos = compile_jobs([CompileJob.of_launch(launch, arch) for arch in archs], keep_cubin=True)
     for info in infos:
         assert not isinstance(info, Exception), info
-    kernel_file = inspect.getsourcefile(kernel_function(launch.kernel))
-    lines = open(kernel_file).read().splitlines()
-    listing = parse_sass(disassemble(infos[0].cubin))
-    products = {lines[ins.line_in(kernel_file) - 1].strip() for ins in listing.executed()
-                if ins.mnemonic == "HGMMA" and operand in ins.opcode and ins.line_in(kernel_file)}
+    sources: dict[str, list[str]] = {}
+    products = set()
+    for ins in parse_sass(disassemble(infos[0].cubin)).executed():
+        if ins.mnemonic == "HGMMA" and operand in ins.opcode:
+            for file, line in ins.locations:
+                if file not in sources:
+                    sources[file] = open(file).read().splitlines() if os.path.exists(file) else []
+                if 0 < line <= len(sources[file]):
+                    products.add(sources[file][line - 1].strip())
     return infos[0], products
+
+
+def has_product(products: set, *alternatives: str) -> bool:
+    """Whether one of the HGMMA source lines (`compile_for_hopper`) starts with one of `alternatives`."""
+    return any(line.startswith(alternative) for line in products for alternative in alternatives)

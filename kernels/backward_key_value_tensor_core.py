@@ -33,7 +33,7 @@ tf32 split. float32 inputs ("ieee" dots) take one exact product each.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, context_channel_mask, head_of_frame, split, split_dot, split_to
+from .common import LOG2E, context_channel_mask, halo_block_positions, head_of_frame, split, split_dot, split_to
 
 
 @triton.jit
@@ -112,11 +112,9 @@ def emim_backward_key_value_tensor_core_kernel(
     dv = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
     for block in range(USED_BLOCKS):
         first_row = block * HALO_BLOCK_ROWS
-        hy = first_row + block_slots // HALO_W
-        hx = block_slots % HALO_W
-        sy = y0 - RADIUS + hy
-        sx = x0 - RADIUS + hx
-        query_in_frame = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
+        # Queries past TILE + K - 1 slots cover no key of the tile: not loaded (their entries are -1).
+        sy, sx, query_in_frame = halo_block_positions(block_slots, first_row, y0, x0, H, W, RADIUS, HALO_W,
+                                                      TILE_H + WINDOW - 1, TILE_W + WINDOW - 1)
         row_mask = query_in_frame[:, None] & channel_ok[None, :]
         q = tl.load(q_frame + sy[:, None] * stride_qy + sx[:, None] * stride_qx + channels[None, :], mask=row_mask,
                     other=0.0)

@@ -34,8 +34,8 @@ zeroed from there on, as in kernels/backward_query.py.
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, context_channel_mask, fast_quick_gelu_and_grad, frame_pair, head_of_frame, round_to_tf32,
-                     split, split_dot, split_to)
+from .common import (LOG2E, context_channel_mask, fast_quick_gelu_and_grad, frame_pair, halo_block_positions,
+                     head_of_frame, round_to_tf32, split, split_dot, split_to)
 
 
 @triton.jit
@@ -135,10 +135,8 @@ def emim_backward_query_tensor_core_kernel(
     s_dp_window = tl.zeros((TILE, SIDE, SIDE, 2), dtype=tl.float32)
     for block in range(USED_BLOCKS):
         first_row = block * HALO_BLOCK_ROWS
-        sy = y0 - RADIUS + first_row + block_slots // HALO_W
-        sx = x0 - RADIUS + block_slots % HALO_W
-        used = (first_row + block_slots // HALO_W < TILE_H + WINDOW - 1) & (block_slots % HALO_W < TILE_W + WINDOW - 1)
-        in_frame = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W) & used
+        sy, sx, in_frame = halo_block_positions(block_slots, first_row, y0, x0, H, W, RADIUS, HALO_W,
+                                                TILE_H + WINDOW - 1, TILE_W + WINDOW - 1)
         kv_mask = in_frame[:, None] & channel_ok[None, :]
         k = tl.load(k_frame + sy[:, None] * stride_ky + sx[:, None] * stride_kx + channels[None, :], mask=kv_mask,
                     other=pad_value)
@@ -209,10 +207,8 @@ def emim_backward_query_tensor_core_kernel(
                                      tl.broadcast_to(tl.minimum(tl.maximum(row_of_slot, 0), SIDE - 1),
                                                      (TILE, HALO_BLOCK_ROWS, HALO_W)), axis=1)
         d_affinity_block = tl.where((row_of_slot >= 0) & (row_of_slot < WINDOW), d_affinity_block, 0.0)
-        sy = y0 - RADIUS + first_row + block_slots // HALO_W
-        sx = x0 - RADIUS + block_slots % HALO_W
-        used = (first_row + block_slots // HALO_W < TILE_H + WINDOW - 1) & (block_slots % HALO_W < TILE_W + WINDOW - 1)
-        in_frame = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W) & used
+        sy, sx, in_frame = halo_block_positions(block_slots, first_row, y0, x0, H, W, RADIUS, HALO_W,
+                                                TILE_H + WINDOW - 1, TILE_W + WINDOW - 1)
         k = tl.load(k_frame + sy[:, None] * stride_ky + sx[:, None] * stride_kx + channels[None, :],
                     mask=in_frame[:, None] & channel_ok[None, :], other=pad_value)
         da_head, da_tail = split(tl.reshape(d_affinity_block, (TILE, BLOCK_SLOTS)), DOT_PRECISION)

@@ -50,6 +50,21 @@ def tile_positions(pid_tile, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def halo_block_positions(block_slots, first_row, y0, x0, H, W, RADIUS: tl.constexpr, HALO_W: tl.constexpr,
+                         USED_H: tl.constexpr, USED_W: tl.constexpr):
+    """For the tensor-core kernels' halo, held as slots (hy, hx) = frame position (y0 - r + hy, x0 - r + hx):
+    the positions (sy, sx) of the block of slots starting at halo row `first_row` (slot s of the block is halo
+    row first_row + s // HALO_W, column s % HALO_W), and which of them to read: inside the frame and within
+    the USED_H x USED_W slots any window of the tile reaches (tile + K - 1 on each side)."""
+    hy = first_row + block_slots // HALO_W
+    hx = block_slots % HALO_W
+    sy = y0 - RADIUS + hy
+    sx = x0 - RADIUS + hx
+    readable = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W) & (hy < USED_H) & (hx < USED_W)
+    return sy, sx, readable
+
+
+@triton.jit
 def load_rows(frame_ptr, y, x, H, W, stride_h, stride_w, channels, D):
     """Load the D-vectors at positions (y, x) of one frame as float32; zero outside the frame.
 

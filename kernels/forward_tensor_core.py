@@ -29,7 +29,7 @@ approximate ones (tl.fdiv, ieee_rounding=False: a reciprocal and a multiply, 2 u
 import triton
 import triton.language as tl
 
-from .common import QUICK_GELU_LOG2, context_channel_mask, frame_pair, head_of_frame
+from .common import QUICK_GELU_LOG2, context_channel_mask, frame_pair, halo_block_positions, head_of_frame
 
 LN2 = tl.constexpr(0.6931471805599453)  # turns base-2 logarithms back into natural ones
 
@@ -98,11 +98,9 @@ def emim_forward_tensor_core_kernel(
     USED_BLOCKS: tl.constexpr = (TILE_H + WINDOW - 2) // HALO_BLOCK_ROWS + 1
     for block in range(USED_BLOCKS):
         first_row = block * HALO_BLOCK_ROWS
-        sy = y0 - RADIUS + first_row + block_slots // HALO_W
-        sx = x0 - RADIUS + block_slots % HALO_W
         # Slots past TILE + K - 1 are in no window: not loaded (their bias is -inf).
-        used = (first_row + block_slots // HALO_W < TILE_H + WINDOW - 1) & (block_slots % HALO_W < TILE_W + WINDOW - 1)
-        in_frame = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W) & used
+        sy, sx, in_frame = halo_block_positions(block_slots, first_row, y0, x0, H, W, RADIUS, HALO_W,
+                                                TILE_H + WINDOW - 1, TILE_W + WINDOW - 1)
         # Out-of-frame k and v rows hold pad_value (rounded to their dtype, like every k and v element): the
         # padded entries' affinity scale * P * sum(q) and value P come out of the products themselves.
         kv_mask = in_frame[:, None] & channel_ok[None, :]

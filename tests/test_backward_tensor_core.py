@@ -14,7 +14,7 @@ from emim_triton.checks import EMIMShape
 from emim_triton.launch_configs import default_configs
 from emim_triton.tensor_core_backward import backward_query_tensor_core_launch, example_launch, supports
 from emim_triton.tensor_core_forward import TensorCoreConfig
-from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, TENSOR_CORE_BACKWARD_SHAPES, assert_equal_up_to_16bit_rounding,
+from helpers import (FP32_KERNEL_RTOL, GRAD_NAMES, TENSOR_CORE_BACKWARD_SHAPES, assert_same_kernel_result,
                      backward_case, compile_for_hopper, has_product, low_precision_bound, make_inputs, relative_error,
                      test_device)
 
@@ -49,10 +49,7 @@ def _assert_matches_offset_loop(inputs, **kwargs):
     dq_ref, a_ref, da_ref = _query_side(inputs, triton_backend.backward_query_launch, **kwargs)
     assert relative_error(a, a_ref) < FP32_KERNEL_RTOL
     assert relative_error(da, da_ref) < FP32_KERNEL_RTOL
-    if dq.dtype == torch.float32:
-        assert relative_error(dq, dq_ref) < FP32_KERNEL_RTOL
-    else:
-        assert_equal_up_to_16bit_rounding(dq, dq_ref)
+    assert_same_kernel_result(dq, dq_ref)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])

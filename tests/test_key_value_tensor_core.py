@@ -14,8 +14,8 @@ from emim_triton.checks import EMIMShape
 from emim_triton.launch_configs import default_configs
 from emim_triton.tensor_core_forward import TensorCoreConfig
 from emim_triton.tensor_core_key_value import backward_key_value_tensor_core_launch, example_launch, supports
-from helpers import (FP32_KERNEL_RTOL, TENSOR_CORE_BACKWARD_SHAPES, assert_equal_up_to_16bit_rounding, backward_case,
-                     compile_for_hopper, has_product, make_inputs, relative_error, test_device)
+from helpers import (TENSOR_CORE_BACKWARD_SHAPES, assert_same_kernel_result, backward_case, compile_for_hopper,
+                     has_product, make_inputs, test_device)
 
 DEVICE = test_device()
 
@@ -50,10 +50,7 @@ def _key_value_side(inputs, use_tensor_cores, pad_value=1e-6, variant=triton_bac
 def _assert_matches_today(inputs, **kwargs):
     for grad, grad_ref in zip(_key_value_side(inputs, True, **kwargs), _key_value_side(inputs, False, **kwargs)):
         assert not grad.isnan().any()
-        if grad.dtype == torch.float32:
-            assert relative_error(grad, grad_ref) < FP32_KERNEL_RTOL
-        else:
-            assert_equal_up_to_16bit_rounding(grad, grad_ref)
+        assert_same_kernel_result(grad, grad_ref)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])

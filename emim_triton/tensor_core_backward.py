@@ -5,7 +5,7 @@ A drop-in for ``triton_backend.backward_query_launch``: same arguments, same out
 (B, T, H, W, heads, D), rows of the computed pairs only; the float32 scratch rows a and dA, (B, pairs, H, W,
 heads, K²)), so the key/value and weights kernels of ``triton_backend.backward`` read them unchanged. Only the
 launch configuration differs: a ``tensor_core_forward.TensorCoreConfig`` (query tile, halo block rows, hidden
-chunk, warps), the forward's by default.
+chunk, warps): `default_config`, the forward's with wider hidden chunks.
 
 The kernel works on each query's window padded to Kp x Kp (Kp = K padded to a power of two), so W1 is repacked
 to (hidden pad, Kp * Kp) with zero columns at the padded window entries, and also transposed (both products read
@@ -16,12 +16,15 @@ today's kernel rounds them in every program (``kernels/common.py: round_to_tf32`
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .checks import EMIMShape
 from .launch_configs import padded_head_dim
 from .kernels.backward_query_tensor_core import emim_backward_query_tensor_core_kernel
-from .tensor_core_forward import TensorCoreConfig, default_tensor_core_config, halo_geometry, window_pad_side
+from .tensor_core_forward import (TensorCoreConfig, default_tensor_core_config, halo_geometry, table_device,
+                                  window_entries, window_pad_side)
 from .tensor_core_forward import supports as forward_supports
 from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision, stand_in_qkv
 
@@ -61,22 +64,35 @@ def pack_mlp(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, shape: EMIMSh
     return w1p, w1p.t().contiguous(), b1p, w2p
 
 
+def default_config(shape: EMIMShape) -> TensorCoreConfig:
+    """The forward's tiles, with 64-wide hidden chunks up to D = 64 (static model, H200, bf16: fastest at the S16
+    stage-3 shape, 0.390 ms modelled against 0.382 with 32-wide chunks, and 8 B spilled against 28 B; at D = 128
+    32-wide chunks spill less). The spilled values are per-query pointers stored and reloaded once per program,
+    outside every loop."""
+    config = default_tensor_core_config(shape)
+    return replace(config, hidden_chunk=64) if shape.head_dim <= 64 else config
+
+
 def backward_query_tensor_core_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse, dq, affinity, d_affinity,
                                       shape: EMIMShape, scale: float, pad_value: float,
                                       cfg: TensorCoreConfig | None = None,
                                       variant: Variant = DEFAULT_VARIANT) -> KernelLaunch:
     """The launch, with `triton_backend.backward_query_launch`'s arguments (rpb contiguous (heads, K, K); w1, b1,
-    w2 as the op gets them: packed here), and a `TensorCoreConfig` (None: `default_tensor_core_config`)."""
-    cfg = cfg or default_tensor_core_config(shape)
+    w2 as the op gets them: packed here), and a `TensorCoreConfig` (None: `default_config`)."""
+    cfg = cfg or default_config(shape)
     pairs = variant.pairs(shape)
     grid, halo = halo_geometry("backward_query_tensor_core_launch", shape, cfg, variant, pairs)
     if not rpb.is_contiguous():
         raise ValueError("backward_query_tensor_core_launch: rpb must be contiguous (heads, K, K) "
                          "(triton_backend.contiguous_parameters)")
     w1p, w1t, b1p, w2p = pack_mlp(w1, b1, w2, shape, cfg, dot_precision(q.dtype))
+    # Pass 2 reads dA back at each (query, halo slot) by the slot's window entry.
+    entries = window_entries(cfg.tile_h, cfg.tile_w, halo["HALO_H"], halo["HALO_W"], shape.window, False,
+                             table_device(q))
     return KernelLaunch(
         emim_backward_query_tensor_core_kernel, grid,
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, w1_ptr=w1p, w1t_ptr=w1t, b1_ptr=b1p, w2_ptr=w2p,
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, entry_ptr=entries, w1_ptr=w1p, w1t_ptr=w1t, b1_ptr=b1p,
+             w2_ptr=w2p,
              grad_ptr=grad_pairs, lse_ptr=lse, dq_ptr=dq, affinity_ptr=affinity, d_affinity_ptr=d_affinity,
              **_strides("q", q), **_strides("k", k), **_strides("v", v),
              T=shape.frames, H=shape.height, W=shape.width, HEADS=shape.heads, D=shape.head_dim,

@@ -112,26 +112,37 @@ def mlp_operand_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=None)
-def _bias_layout(tile_h: int, tile_w: int, halo_h: int, halo_w: int, window: int, device: torch.device):
-    """(entry, inside): for each (tile query, halo slot), the window entry o = i*K + j the slot is (clamped), and
-    whether it is inside the query's window. Depends on the geometry only, so it is built once per geometry."""
-    ty, tx = (torch.arange(tile_h * tile_w, device=device).div(tile_w, rounding_mode="floor"),
-              torch.arange(tile_h * tile_w, device=device) % tile_w)
-    sy, sx = (torch.arange(halo_h * halo_w, device=device).div(halo_w, rounding_mode="floor"),
-              torch.arange(halo_h * halo_w, device=device) % halo_w)
-    dy, dx = sy[None, :] - ty[:, None], sx[None, :] - tx[:, None]  # window entry (i, j) of each slot
-    inside = (dy >= 0) & (dy < window) & (dx >= 0) & (dx < window)
-    entry = (dy.clamp(0, window - 1) * window + dx.clamp(0, window - 1)).reshape(-1)
-    return entry, inside
+def window_entries(tile_h: int, tile_w: int, halo_h: int, halo_w: int, window: int, mirrored: bool,
+                   device: torch.device) -> torch.Tensor:
+    """(tile positions, halo slots) int32: the window entry o = i*K + j that links each position of the tile to
+    each halo slot, or -1 where none does. Geometry only, so built once per geometry and device.
+
+    Not mirrored (queries in the tile, keys in the halo: the forward and the query side): slot (hy, hx) is entry
+    (hy - ty, hx - tx) of the window of the query at (ty, tx). Mirrored (keys in the tile, queries in the halo:
+    the key/value side): the key at (ty, tx) is entry (K-1 - (hy - ty), K-1 - (hx - tx)) of the window of the
+    slot's query."""
+    positions, slots = torch.arange(tile_h * tile_w, device=device), torch.arange(halo_h * halo_w, device=device)
+    i = slots.div(halo_w, rounding_mode="floor")[None, :] - positions.div(tile_w, rounding_mode="floor")[:, None]
+    j = slots[None, :] % halo_w - positions[:, None] % tile_w
+    if mirrored:
+        i, j = (window - 1) - i, (window - 1) - j
+    inside = (i >= 0) & (i < window) & (j >= 0) & (j < window)
+    return torch.where(inside, i * window + j, -1).to(torch.int32).contiguous()
 
 
-def bias_table(rpb: torch.Tensor, cfg: TensorCoreConfig) -> torch.Tensor:
-    """(heads, tile queries, halo slots) float32: log2(e) * rpb[head, i, j] where the slot is entry (i, j)
-    of the query's window, -inf where the slot is outside it (the softmax then gives it no mass)."""
-    heads, window, _ = rpb.shape
-    entry, inside = _bias_layout(cfg.tile_h, cfg.tile_w, *cfg.halo(window), window, rpb.device)
-    values = rpb.float().reshape(heads, -1)[:, entry].reshape(heads, *inside.shape) * LOG2E
-    return torch.where(inside, values, torch.full_like(values, float("-inf"))).contiguous()
+def table_device(t: torch.Tensor) -> torch.device:
+    """Where a launch's geometry table lives: with `t`, or on the CPU for a launch on meta tensors (compiling,
+    timing), which needs real indices (the tuner moves them to its GPU)."""
+    return torch.device("cpu") if t.device.type == "meta" else t.device
+
+
+def bias_table(rpb: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """(heads, tile positions, halo slots) float32 on rpb's device: log2(e) * rpb[head, o] at each window entry o
+    of `entries` (`window_entries`), -inf where there is none (the softmax then gives the slot no mass)."""
+    heads = rpb.shape[0]
+    entries = entries.to(rpb.device)
+    values = rpb.float().reshape(heads, -1)[:, entries.clamp(min=0).long()] * LOG2E
+    return torch.where(entries >= 0, values, torch.full_like(values, float("-inf"))).contiguous()
 
 
 def pack_mlp(w1, b1, w2, b2, shape: EMIMShape, cfg: TensorCoreConfig, dtype: torch.dtype):
@@ -199,7 +210,8 @@ def forward_tensor_core(q, k, v, rpb, w1, b1, w2, b2, shape: EMIMShape, scale: f
     """Like `triton_backend.forward`: (out, lse). out: q's dtype, contiguous (B, T, H, W, heads, D) including
     the copied last frame; lse: (B, pairs, H, W, heads) float32 log-sum-exp of each affinity row, or None."""
     cfg = cfg or default_tensor_core_config(shape)
-    bias = bias_table(rpb, cfg)  # both repack the parameters, whatever their strides
+    entries = window_entries(cfg.tile_h, cfg.tile_w, *cfg.halo(shape.window), shape.window, False, rpb.device)
+    bias = bias_table(rpb, entries)  # both repack the parameters, whatever their strides
     w1p, b1p, w2p, b2p = pack_mlp(w1, b1, w2, b2, shape, cfg, q.dtype)
     B, T, H, W, heads, D = q.shape
     out = triton_backend.new_buffer((B, T, H, W, heads, D), q.dtype, q.device)

@@ -6,13 +6,12 @@ and dv in k's and v's dtype, contiguous (B, T, H, W, heads, D), rows of the key 
 zero in channels >= context_channels), read from the same inputs (q, k, the folded float32 upstream gradient, the
 forward's lse and the query kernel's float32 dA rows). Only the launch configuration differs: a
 ``tensor_core_forward.TensorCoreConfig`` (key tile, halo block rows, warps; its hidden chunk is unused here):
-`default_config`. The launch also carries the tile geometry's two tables (`mirrored_window_entries`, built once
-per geometry and device, and `mirrored_bias_table`, per call from rpb).
+`default_config`. The launch also carries two tables of the tile geometry, `tensor_core_forward.window_entries`
+(mirrored) and the `bias_table` made from it and rpb.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 import torch
@@ -20,7 +19,8 @@ import torch
 from .checks import EMIMShape
 from .launch_configs import padded_head_dim
 from .kernels.backward_key_value_tensor_core import emim_backward_key_value_tensor_core_kernel
-from .tensor_core_forward import LOG2E, TensorCoreConfig, default_tensor_core_config, halo_geometry
+from .tensor_core_forward import (LOG2E, TensorCoreConfig, bias_table, default_tensor_core_config, halo_geometry,
+                                  table_device, window_entries)
 from .tensor_core_forward import supports as forward_supports
 from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision, stand_in_qkv
 
@@ -56,13 +56,11 @@ def backward_key_value_tensor_core_launch(q, k, rpb, grad_pairs, lse, d_affinity
                    ("dk", dk), ("dv", dv)):
         if not t.is_contiguous():  # the kernel indexes these by raw offsets
             raise ValueError(f"{name}: {arg} must be contiguous (as triton_backend.backward makes it)")
-    # Real values even for a launch on meta tensors (compiling, timing): the tuner moves them to its GPU.
-    table_device = torch.device("cpu") if rpb.device.type == "meta" else rpb.device
-    entry = mirrored_window_entries(cfg.tile_h, cfg.tile_w, halo["HALO_H"], halo["HALO_W"], shape.window,
-                                    table_device)
+    entries = window_entries(cfg.tile_h, cfg.tile_w, halo["HALO_H"], halo["HALO_W"], shape.window, True,
+                             table_device(rpb))
     return KernelLaunch(
         emim_backward_key_value_tensor_core_kernel, grid,
-        dict(q_ptr=q, k_ptr=k, entry_ptr=entry, bias_ptr=mirrored_bias_table(rpb, entry), grad_ptr=grad_pairs,
+        dict(q_ptr=q, k_ptr=k, entry_ptr=entries, bias_ptr=bias_table(rpb, entries), grad_ptr=grad_pairs,
              lse_ptr=lse, d_affinity_ptr=d_affinity, dk_ptr=dk, dv_ptr=dv, **_strides("q", q), **_strides("k", k),
              T=shape.frames, H=shape.height, W=shape.width, HEADS=shape.heads, D=shape.head_dim,
              num_pairs=variant.pairs(shape), key_frame_offset=variant.key_frame_offset(shape),
@@ -71,29 +69,6 @@ def backward_key_value_tensor_core_launch(q, k, rpb, grad_pairs, lse, d_affinity
         dict(WINDOW=shape.window, BLOCK_D=padded_head_dim(shape.head_dim), **halo, DOT_PRECISION=dot_precision(q.dtype)),
         cfg.num_warps, cfg.num_stages,
     )
-
-
-@functools.lru_cache(maxsize=None)
-def mirrored_window_entries(tile_h: int, tile_w: int, halo_h: int, halo_w: int, window: int,
-                            device: torch.device) -> torch.Tensor:
-    """(tile keys, halo slots) int32: the window entry o = i*K + j at which the tile's key sits in the window of
-    the query at each halo slot (slot (hy, hx) is the query at (y0 - r + hy, x0 - r + hx): i = K-1 - (hy - ty),
-    j = K-1 - (hx - tx)), or -1 where the key is outside that query's window. Geometry only: built once."""
-    keys = torch.arange(tile_h * tile_w, device=device)
-    slots = torch.arange(halo_h * halo_w, device=device)
-    i = (window - 1) - (slots.div(halo_w, rounding_mode="floor")[None, :] - keys.div(tile_w, rounding_mode="floor")[:, None])
-    j = (window - 1) - (slots[None, :] % halo_w - keys[:, None] % tile_w)
-    inside = (i >= 0) & (i < window) & (j >= 0) & (j < window)
-    return torch.where(inside, i * window + j, -1).to(torch.int32).contiguous()
-
-
-def mirrored_bias_table(rpb: torch.Tensor, entry: torch.Tensor) -> torch.Tensor:
-    """(heads, tile keys, halo slots) float32 on rpb's device: log2(e) * rpb[head, o] at each key's entry o in the
-    slot's query's window, -inf where the key is outside it (p is then exp2(-inf) = 0)."""
-    heads = rpb.shape[0]
-    entry = entry.to(rpb.device)
-    values = rpb.float().reshape(heads, -1)[:, entry.clamp(min=0).long()] * LOG2E
-    return torch.where(entry >= 0, values, torch.full_like(values, float("-inf"))).contiguous()
 
 
 def example_launch(shape: EMIMShape, dtype: torch.dtype, cfg: TensorCoreConfig | None = None, device="meta",

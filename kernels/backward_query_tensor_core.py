@@ -12,11 +12,15 @@ The halo is walked in blocks of HALO_BLOCK_ROWS rows, twice:
     window   a  = scale * S_w + rpb                            (TILE, Kp, Kp), Kp = K padded to a power of two
              p  = exp(a - lse);  dA = p * (dP_w - sum p * dP_w) + (W2^T g * QuickGELU'(z)) @ W1,  z = a W1^T + b1
              a and dA stored as the K² scratch rows
-    pass 2   dA_block = dA put back at the block's halo slots   (the inverse gathers: rows, then columns)
+    pass 2   dA_block = dA at the block's halo slots            loaded back from the dA rows just stored, at
+                                                                each (query, slot)'s window entry (a host-made
+                                                                table of the tile geometry; -1: not in window)
              dq += dA_block @ K_block                           (TILE, D) by tl.dot
 
 Every window quantity lives in window layout (TILE, Kp, Kp) once gathered, so the softmax, the rpb and the MLP
-need no bias table: only the halo products and the two layout changes depend on the halo.
+need no bias table: only the halo products and the two layout changes depend on the halo. Pass 2 reading dA
+from memory (L2: the program wrote it a moment before, behind a barrier) replaced two register gathers of the
+window, which cost ~18 instructions per (query, slot) and kept a (TILE, Kp, halo width) tile live.
 
 Precision. S multiplies the 16-bit q and k themselves (exact products, float32 accumulation). dP and dq multiply
 a float32 operand (the upstream gradient g, the gradient dA) with v or k, which today's kernel does in float32
@@ -67,7 +71,7 @@ def halo_block_to_window(block, window_row, window_col, first_row, window,
 
 @triton.jit
 def emim_backward_query_tensor_core_kernel(
-    q_ptr, k_ptr, v_ptr, rpb_ptr, w1_ptr, w1t_ptr, b1_ptr, w2_ptr, grad_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, rpb_ptr, entry_ptr, w1_ptr, w1t_ptr, b1_ptr, w2_ptr, grad_ptr, lse_ptr,
     dq_ptr, affinity_ptr, d_affinity_ptr,
     stride_qb, stride_qt, stride_qy, stride_qx, stride_qn,
     stride_kb, stride_kt, stride_ky, stride_kx, stride_kn,
@@ -189,29 +193,25 @@ def emim_backward_query_tensor_core_kernel(
         w1 = tl.load(w1_ptr + units[:, None] * (SIDE * SIDE) + window_cols[None, :])  # (chunk, SIDE²)
         d_affinity_flat += tf32_dot(dz, w1, DOT_PRECISION)
     d_affinity = tl.where(window_ok[None, :, :], tl.reshape(d_affinity_flat, (TILE, SIDE, SIDE)), 0.0)
-    tl.store((d_affinity_ptr + row_base)[:, None, None] + entry, d_affinity, mask=scratch_mask)
+    d_affinity_rows = d_affinity_ptr + row_base
+    tl.store(d_affinity_rows[:, None, None] + entry, d_affinity, mask=scratch_mask)
 
-    # Pass 2: dq = scale * dA @ K on the halo. dA back at the halo slots: halo column tx + j takes window column
-    # j (once for all blocks), then halo row ty + i takes window row i (per block); other slots get 0.
-    halo_cols = tl.arange(0, HALO_W)
-    col_of_slot = halo_cols[None, None, :] - tx[:, None, None]  # (TILE, 1, HALO_W): window column j
-    d_affinity_cols = tl.gather(d_affinity, tl.broadcast_to(tl.minimum(tl.maximum(col_of_slot, 0), SIDE - 1),
-                                                            (TILE, SIDE, HALO_W)), axis=2)
-    d_affinity_cols = tl.where((col_of_slot >= 0) & (col_of_slot < WINDOW), d_affinity_cols, 0.0)
-    block_rows = tl.arange(0, HALO_BLOCK_ROWS)
+    # Pass 2: dq = scale * dA @ K on the halo. dA at the halo slots is read back from the rows just stored, at
+    # each (query, slot)'s window entry (a host-made table of the tile geometry, -1 where the slot is outside
+    # the query's window): gathers from L2 instead of two register gathers of the (TILE, Kp, Kp) window.
+    tl.debug_barrier()  # the rows were stored by other threads of this program
+    table_rows = queries[:, None] * (HALO_H * HALO_W)
     dq = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
     for block in range(USED_BLOCKS):
         first_row = block * HALO_BLOCK_ROWS
-        row_of_slot = first_row + block_rows[None, :, None] - ty[:, None, None]  # (TILE, rows, 1): window row i
-        d_affinity_block = tl.gather(d_affinity_cols,
-                                     tl.broadcast_to(tl.minimum(tl.maximum(row_of_slot, 0), SIDE - 1),
-                                                     (TILE, HALO_BLOCK_ROWS, HALO_W)), axis=1)
-        d_affinity_block = tl.where((row_of_slot >= 0) & (row_of_slot < WINDOW), d_affinity_block, 0.0)
+        entry_block = tl.load(entry_ptr + table_rows + (first_row * HALO_W + block_slots)[None, :])
+        d_affinity_block = tl.load(d_affinity_rows[:, None] + entry_block,
+                                   mask=(entry_block >= 0) & query_valid[:, None], other=0.0)
         sy, sx, in_frame = halo_block_positions(block_slots, first_row, y0, x0, H, W, RADIUS, HALO_W,
                                                 TILE_H + WINDOW - 1, TILE_W + WINDOW - 1)
         k = tl.load(k_frame + sy[:, None] * stride_ky + sx[:, None] * stride_kx + channels[None, :],
                     mask=in_frame[:, None] & channel_ok[None, :], other=pad_value)
-        da_head, da_tail = split(tl.reshape(d_affinity_block, (TILE, BLOCK_SLOTS)), DOT_PRECISION)
+        da_head, da_tail = split(d_affinity_block, DOT_PRECISION)
         dq = split_dot(da_head, da_tail, k.to(tl.float32), dq, DOT_PRECISION)
     dq = tl.where(context_channel_mask(channels, context_channels)[None, :], dq * scale, 0.0)
 

@@ -137,3 +137,17 @@ def compile_for_hopper(launch, also_sm80: bool = True, operand: str = ""):
 def has_product(products: set, *alternatives: str) -> bool:
     """Whether one of the HGMMA source lines (`compile_for_hopper`) starts with one of `alternatives`."""
     return any(line.startswith(alternative) for line in products for alternative in alternatives)
+
+
+def switch_on_motion(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Give the motion MLP's output layer (zero at initialisation, which hides the motion term and W1's gradient
+    from a test) random weights and biases, N(0, std²), in every EMIM of `model` (or `model` itself)."""
+    from emim_triton import EMIM
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, EMIM):
+                for p in module.motion_conv[2].parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+

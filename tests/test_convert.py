@@ -23,7 +23,7 @@ from emim_triton import EMIM, convert_to_emim
 from emim_triton.convert import GridEMIM, find_attention_layers
 from emim_triton.models import create_model
 from emim_triton.models.uniformer import GlobalAttention
-from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, local_next_frame_attention, relative_error
+from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, local_next_frame_attention, relative_error, switch_on_motion
 
 GRID = (4, 4, 4)  # T, H, W of the token grids below: 8 frames, tubelet 2; 32 px, patch 8
 DIM, HEADS, WINDOW = 64, 2, 3
@@ -491,8 +491,8 @@ def test_a_converted_hugging_face_model_is_saved_and_reloaded_through_its_state_
     model = transformers.VideoMAEForVideoClassification(
         tiny_hf_config(transformers.VideoMAEConfig, patch_size=8, tubelet_size=2)).eval()
     convert_to_emim(model, GRID, window=WINDOW, backend="reference")
-    with torch.no_grad():  # as after fine-tuning: motion features, which only the saved weights can restore
-        model.videomae.encoder.layer[0].attention.motion_conv[2].weight.normal_()
+    switch_on_motion(model.videomae.encoder.layer[0].attention, std=1.0)  # as after fine-tuning: motion
+    # features, which only the saved weights can restore
     torch.save(model.state_dict(), tmp_path / "converted.pt")
     model.config.save_pretrained(tmp_path)
 

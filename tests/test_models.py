@@ -21,7 +21,7 @@ from emim_triton import EMIM, emim_attention
 from emim_triton.models import (UniFormer, count_flops, count_params, create_model, emim_forward_flops,
                                 get_model_cfg, list_models, load_pretrained)
 from emim_triton.models.summary import GMACS, GMACS_RTOL, PARAMS_M, PARAMS_RTOL, family
-from helpers import local_next_frame_attention, make_inputs
+from helpers import local_next_frame_attention, make_inputs, switch_on_motion
 
 SB_MODELS = [f"{prefix}uniformer_{size}{frames}"
              for prefix in ("emim_", "") for size in "sb" for frames in (16, 32)]
@@ -34,15 +34,6 @@ def make(name: str, **kwargs) -> UniFormer:
 
 def emim_modules(model: nn.Module) -> list[EMIM]:
     return [m for m in model.modules() if isinstance(m, EMIM)]
-
-
-def randomize_motion_mlps(model: nn.Module, seed: int = 0) -> None:
-    """The motion MLP's output layer starts at zero, which would hide it (and W1's gradient) from a test."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for attn in emim_modules(model):
-            for p in attn.motion_conv[2].parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -201,7 +192,7 @@ def test_zero_motion_mlp_is_local_next_frame_attention():
     with torch.no_grad():
         expected = local(x)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        randomize_motion_mlps(model)  # and the comparison is not vacuous: motion changes the output
+        switch_on_motion(model, std=0.05)  # and the comparison is not vacuous: motion changes the output
         assert (model(x) - expected).abs().max() > 1e-3
 
 
@@ -211,7 +202,7 @@ def test_gradients_reach_every_parameter_with_and_without_checkpointing():
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = make("emim_uniformer_xt", num_classes=5, grad_checkpointing=checkpointing).train()
-        randomize_motion_mlps(model)
+        switch_on_motion(model, std=0.05)
         model(x).logsumexp(-1).sum().backward()
         for name, p in model.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -224,7 +215,7 @@ def test_torch_compile_without_graph_breaks():
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward in ~10 s. The
     inductor variant below takes ~55 s cold / ~30 s with a warm cache on 2 CPU cores, too long for CI."""
     model = make("emim_uniformer_xt", num_classes=5).train()
-    randomize_motion_mlps(model)
+    switch_on_motion(model, std=0.05)
     x = torch.randn(2, 3, 4, 32, 32)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled(x).sum().backward()
@@ -254,7 +245,7 @@ def test_torch_compile_inductor():
 @pytest.mark.parametrize("wrapper", [None, "model", "model_state", "compiled"])
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, wrapper):
     model = make("emim_uniformer_xt", num_classes=5).eval()
-    randomize_motion_mlps(model)
+    switch_on_motion(model, std=0.05)
     state = model.state_dict()
     path = tmp_path / "ckpt.pth"
     if wrapper == "compiled":  # saved from torch.compile(model): every key starts with "_orig_mod."

@@ -9,7 +9,7 @@ import torch.nn as nn
 from emim_triton import EMIM
 from emim_triton.checks import (HEAD_DIM_RULE, MAX_HEAD_DIM, MAX_WINDOW, MIN_HEAD_DIM, SUPPORTED_HEAD_DIMS,
                                 SUPPORTED_WINDOWS, WINDOW_RULE)
-from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, local_next_frame_attention, relative_error
+from helpers import FP32_KERNEL_RTOL, REFERENCE_RTOL, local_next_frame_attention, relative_error, switch_on_motion
 
 DIM, HEADS, WINDOW = 32, 2, 3  # head_dim 16, the smallest the op supports
 FRAMES = (3, 4, 5)  # T, H, W: H < W, H and W both > K so the window has inside and outside entries
@@ -210,8 +210,7 @@ def test_autocast_bf16_on_cpu():
     """Under autocast the projections run in bf16 while rpb and the motion MLP stay float32; the op takes
     both. Output bf16 (from proj), parameter gradients float32 (the master weights)."""
     module = make_module(dtype=torch.float32)
-    with torch.no_grad():
-        module.motion_conv[2].weight.normal_(std=0.1)
+    switch_on_motion(module)
     x = tokens(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x, frames=FRAMES)
@@ -278,9 +277,9 @@ def test_fused_backend_matches_the_reference():
     """The module on the fused kernels (CUDA, or the interpreter on the CPU): forward and parameter
     gradients match the reference backend's."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fused = EMIM(DIM, HEADS, window=WINDOW, backend="triton").to(device)
-    with torch.no_grad():
-        fused.motion_conv[2].weight.normal_(std=0.1)
+    fused = EMIM(DIM, HEADS, window=WINDOW, backend="triton")
+    switch_on_motion(fused)
+    fused = fused.to(device)
     reference = EMIM(DIM, HEADS, window=WINDOW, backend="reference").to(device)
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(1, 2 * 3 * 4, DIM, device=device)
@@ -310,9 +309,7 @@ def test_context_and_motion_add_up_to_the_layer_and_motion_starts_at_zero():
     x = torch.randn(2, 60, DIM, dtype=torch.float64)
     context, motion = module.context_and_motion(x, frames=FRAMES)
     assert torch.equal(motion, torch.zeros_like(motion))  # W2 = b2 = 0 at initialisation
-    with torch.no_grad():
-        module.motion_conv[2].weight.normal_(std=0.1)
-        module.motion_conv[2].bias.normal_(std=0.1)
+    switch_on_motion(module)
     context_after, motion = module.context_and_motion(x, frames=FRAMES)
     assert torch.allclose(context_after, context) and motion.abs().max() > 1e-3  # the context has no motion in it
     out = module.proj((context + motion).reshape(2, 60, DIM))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emim_triton import EMIM
-from helpers import relative_error
+from helpers import relative_error, switch_on_motion
 
 B, H, W, C, HEADS = 2, 4, 3, 32, 2
 
@@ -12,9 +12,7 @@ B, H, W, C, HEADS = 2, 4, 3, 32, 2
 def layer(direction, **kwargs) -> EMIM:
     torch.manual_seed(0)
     emim = EMIM(C, HEADS, window=3, direction=direction, backend="reference", **kwargs).eval()
-    with torch.no_grad():  # the motion MLP's output layer starts at zero, which would hide the motion term
-        emim.motion_conv[2].weight.normal_(0, 0.2)
-        emim.motion_conv[2].bias.normal_(0, 0.2)
+    switch_on_motion(emim, std=0.2)
     return emim
 
 

@@ -9,19 +9,15 @@ from emim_triton import EMIM, convert_to_emim, emim_reference
 from emim_triton.models import create_model, load_pretrained
 from emim_triton.motion_field import motion_fields
 from emim_triton.viz import build_parser, load_model
+from helpers import switch_on_motion
 
 OPTIONS = dict(direction="prev", dilation=2, authors_context_channels=32)
-
-
-def randomize_motion(emim: EMIM) -> None:
-    with torch.no_grad():  # its output layer starts at zero, which would hide the motion term
-        emim.motion_conv[2].weight.normal_(0, 0.2)
 
 
 def test_module_passes_the_variant_to_the_op():
     torch.manual_seed(0)
     emim = EMIM(96, 2, window=3, backend="reference", **OPTIONS)  # head_dim 48: the switch has channels to zero
-    randomize_motion(emim)
+    switch_on_motion(emim, std=0.2)
     x = torch.randn(1, 3, 4, 5, 96)
     with torch.no_grad():
         q, k, v = emim.qkv_views(x)

@@ -77,7 +77,9 @@ class TensorCoreConfig:
 
 def default_tensor_core_config(shape: EMIMShape) -> TensorCoreConfig:
     """Tiles whose halo stays 16 x 16 slots while K allows (K <= 9: 8 x 8 queries; K <= 13: 4 x 4);
-    K = 15 takes 2 x 8 queries, a 16 x 32 halo."""
+    K = 15 takes 2 x 8 queries, a 16 x 32 halo. 4-row halo blocks: at K = 7, 2-row blocks model faster with
+    triton 3.9 (S16 stage 3: 0.199 ms, 3 CTAs per SM, against 0.212) but slower with triton 3.6, the GPU
+    machine's (0.224 against 0.189), so the measured choice waits for a GPU."""
     if shape.window <= 9:
         return TensorCoreConfig(8, 8)
     if shape.window <= 13:

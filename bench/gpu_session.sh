@@ -116,7 +116,7 @@ uniformer)
   ;;
 tensorcore)
   step tests-tensor-core 150 $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_forward_tensor_core.py \
-    tests/test_backward_tensor_core.py tests/test_key_value_tensor_core.py -rfEs
+    tests/test_backward_tensor_core.py tests/test_key_value_tensor_core.py tests/test_strategies.py -rfEs
   step tests-with-tensor-core 200 env EMIM_TRITON_FORWARD=tensor_core EMIM_TRITON_BACKWARD=tensor_core \
     $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_differential.py tests/test_variants_kernels.py -rfEs
   step compare-tensor-core 200 env EMIM_TRITON_FORWARD=tensor_core EMIM_TRITON_BACKWARD=tensor_core \

@@ -102,12 +102,12 @@ def _trials(forward_ms, backward_ms):
 def test_the_tuner_keeps_the_tensor_core_kernels_only_where_faster():
     configs = _configs()
     trials = _trials(0.5, 3.0)
-    chosen = autotune.choose_strategies(SHAPE, torch.float16, configs, trials, device=torch.device("cpu"))
+    chosen = autotune.choose_strategies(SHAPE, torch.float16, configs, trials, device=torch.device(test_device()))
     assert (chosen.forward_strategy, chosen.backward_strategy) == ("tensor_core", "offset_loop")
     assert trials["forward"].chosen == "tensor_core" and "same results" in trials["forward"].note
     assert trials["backward"].chosen == "offset_loop" and trials["backward"].note == "the offset loop is faster"
     untimed = {"forward": autotune.StrategyTrial(1.0, None, note="the tensor-core kernels do not take this case")}
-    assert autotune.choose_strategies(SHAPE, torch.float16, configs, untimed, device=torch.device("cpu")) == configs
+    assert autotune.choose_strategies(SHAPE, torch.float16, configs, untimed, device=torch.device(test_device())) == configs
 
 
 def test_the_tuner_rejects_faster_kernels_that_compute_something_else(monkeypatch):
@@ -120,7 +120,7 @@ def test_the_tuner_rejects_faster_kernels_that_compute_something_else(monkeypatc
     monkeypatch.setattr(tensor_core_forward, "forward_tensor_core", spoiled)
     configs, trials = _configs(), _trials(0.5, 1.0)
     with pytest.warns(RuntimeWarning, match="faster .* but not used: .*change out"):
-        chosen = autotune.choose_strategies(SHAPE, torch.float16, configs, trials, device=torch.device("cpu"))
+        chosen = autotune.choose_strategies(SHAPE, torch.float16, configs, trials, device=torch.device(test_device()))
     assert chosen == configs
     assert all(t.chosen == "offset_loop" and t.note.startswith("faster, but rejected") for t in trials.values())
 
@@ -135,16 +135,16 @@ def test_the_tuner_times_both_strategies_on_stand_in_tensors(monkeypatch):
         "forward": [autotune.Trial("forward", configs.forward, 1.0)],
         "backward_query": [autotune.Trial("backward_query", configs.backward_query, 2.0)],
         "backward_key_value": [autotune.Trial("backward_key_value", configs.backward_key_value, 0.5)]})
-    trials = autotune.time_strategies(result, autotune._DeviceTensors(torch.device("cpu")), 1, 1)
+    trials = autotune.time_strategies(result, autotune._DeviceTensors(torch.device(test_device())), 1, 1)
     assert (trials["forward"].offset_loop_ms, trials["forward"].tensor_core_ms) == (1.0, 0.1)
     assert (trials["backward"].offset_loop_ms, trials["backward"].tensor_core_ms) == (2.5, pytest.approx(0.2))
     assert len(ran) == 3  # forward, query side, key/value side
 
     result.dtype = torch.float32  # exact products: the tensor-core kernels do not take it
     assert all(t.tensor_core_ms is None and "do not take" in t.note
-               for t in autotune.time_strategies(result, autotune._DeviceTensors(torch.device("cpu")), 1, 1).values())
+               for t in autotune.time_strategies(result, autotune._DeviceTensors(torch.device(test_device())), 1, 1).values())
 
     result.dtype = torch.float16
     monkeypatch.setattr(autotune.triton.testing, "do_bench", lambda launch, **_: 1 / 0)
-    failed = autotune.time_strategies(result, autotune._DeviceTensors(torch.device("cpu")), 1, 1)
+    failed = autotune.time_strategies(result, autotune._DeviceTensors(torch.device(test_device())), 1, 1)
     assert all(t.tensor_core_ms is None and t.note.startswith("failed: ZeroDivisionError") for t in failed.values())

@@ -151,8 +151,9 @@ def default_configs(height: int, width: int, window: int, head_dim: int,
     # The weights kernel keeps (hidden chunk x K²) and (hidden chunk x D) accumulators and the chunk's
     # z, QuickGELU and dz tiles (chunk x rows) in registers. Chosen with the static model (emim-bench static,
     # 2026-11-30) to compile without spills for both sm_80 and sm_90 (the heuristic does not know the GPU):
-    # 16-bit operands take 64-wide chunks over 16 rows (3 CTAs per SM on an H200; 64 rows model 10 % faster
-    # there but spill on sm_80); a padded K² x D of 8192 or more (K=9, D=128) 32-wide chunks over 32 rows; the
+    # fp16 and tf32 operands (fp16 and bf16 inputs) take 64-wide chunks over 16 rows (3 CTAs per SM on an H200;
+    # 64 rows model faster there but spill on sm_80); a padded K² x D of 8192 or more (K=9, D=128) 32-wide
+    # chunks over 32 rows; the
     # 256-wide window of K >= 13 needs 8 warps; float32 "ieee" products take 16-wide chunks on 8 warps.
     wide = padded_window_area(window) * padded_head_dim(head_dim) >= 8192
     if exact:

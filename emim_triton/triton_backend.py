@@ -28,7 +28,6 @@ import torch
 import triton
 
 from .checks import EMIMShape, check_variant
-from .environment import interpreter_enabled
 from .launch_configs import EMIMConfigs, RowConfig, TileConfig, padded_head_dim, padded_window_area
 from .kernels.backward_key_value import emim_backward_key_value_kernel
 from .kernels.backward_query import emim_backward_query_kernel
@@ -205,21 +204,15 @@ def backward_weights_launch(affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_p
 
 
 def mlp_operand(dtype: torch.dtype) -> str:
-    """The weights kernel's tensor-core operand dtype: the activations' own (fp16/bf16 operands with float32
-    accumulation), float32 ("ieee" products) for float32 activations.
+    """The weights kernel's tensor-core operands: fp16 for fp16 activations, tf32 (rounded, float32 storage)
+    for bf16, float32 with exact "ieee" products for float32.
 
-    Its four products are sums over every query row, whose rounding errors (random, unbiased) average out:
-    16-bit operands cost nothing measurable there, and halve the kernel's tensor-core time and staging
-    against tf32. bf16 keeps float32's range for the upstream gradient (fp16 could underflow it)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def weights_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The activation dtype the op builds its weights launch for: `dtype`, except bf16 under the Triton
-    interpreter, which runs the float32 operands: the interpreter's bf16 `tl.dot` returns garbage
-    (docs/upstream/interpreter_bf16_dot.py). The fp16 path runs the same kernel code there; compiled launches
-    (`example_launches`: AOT tests, the static model) keep bf16."""
-    return torch.float32 if dtype == torch.bfloat16 and interpreter_enabled() else dtype
+    Its four products are sums over every query row, whose rounding errors (random, unbiased) partly average
+    out: fp16 operands (11 bits) put dW1, dW2 about 4e-4 from float64 on the tests' shapes, within the op's
+    bound (the float32 reference's error, at least 2^-10). bf16 operands (8 bits) would be 3.5e-3, so bf16
+    activations take tf32 (11 bits, float32's range: fp16 could underflow their gradients), at twice the
+    tensor-core time of 16-bit operands."""
+    return {torch.float16: "float16", torch.bfloat16: "tf32"}.get(dtype, "float32")
 
 
 def contiguous_parameters(rpb, w1, b1, w2, b2) -> tuple[torch.Tensor, ...]:
@@ -300,7 +293,7 @@ def backward(grad_out, q, k, v, rpb, w1, b1, w2, b2, lse, shape: EMIMShape, scal
     db1_partial = new_buffer((programs, shape.hidden), torch.float32, device)
     dw2_partial = new_buffer((programs, D, shape.hidden), torch.float32, device)
     backward_weights_launch(affinity, grad_pairs, w1, b1, w2, dw1_partial, db1_partial, dw2_partial, shape,
-                            weights_kernel_dtype(q.dtype), configs.backward_weights, variant)()
+                            q.dtype, configs.backward_weights, variant)()
 
     # Fixed-order reductions (torch sums use no atomics), then each gradient in its input's dtype.
     drpb = d_affinity.sum(dim=(0, 1, 2, 3)).view(heads, shape.window, shape.window)

@@ -21,16 +21,18 @@ float32 accumulation, the fast QuickGELU), or float32 with exact "ieee" products
 import triton
 import triton.language as tl
 
-from .common import fast_quick_gelu_and_grad, load_w1_transposed, load_w2_columns, quick_gelu, quick_gelu_grad
+from .common import (fast_quick_gelu_and_grad, load_w1_transposed, load_w2_columns, quick_gelu, quick_gelu_grad,
+                     round_to_tf32)
 
 
 @triton.jit
 def _operand(x, OPERAND: tl.constexpr):
-    """x as a tensor-core operand of dtype OPERAND ("float32", "float16" or "bfloat16")."""
+    """x as a tensor-core operand: fp16 (OPERAND "float16"), float32 rounded to tf32 ("tf32"), or float32 as it
+    is ("float32", for exact "ieee" products)."""
     if OPERAND == "float16":
         x = x.to(tl.float16)
-    elif OPERAND == "bfloat16":
-        x = x.to(tl.bfloat16)
+    elif OPERAND == "tf32":
+        x = round_to_tf32(x, "tf32")
     return x
 
 
@@ -42,7 +44,7 @@ def emim_backward_weights_kernel(
     WINDOW: tl.constexpr, WINDOW_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, HIDDEN_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands; 16-bit operands ignore it
-    OPERAND: tl.constexpr,        # the MLP operands' dtype: "float32", "float16" or "bfloat16"
+    OPERAND: tl.constexpr,        # the MLP operands: "float16", "tf32" or "float32" (exact products)
 ):
     WINDOW_AREA: tl.constexpr = WINDOW * WINDOW
     HIDDEN: tl.constexpr = 4 * WINDOW_AREA

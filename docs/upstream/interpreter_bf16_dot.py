@@ -6,10 +6,9 @@ Expected: both differences about 0 (the dot: float32 accumulation of the same bf
 torch's round-to-nearest). Seen with triton 3.9.0 and torch 2.13.0+cpu: the dot is off by ~1e10 on unit-normal
 16 x 16 inputs, the cast by up to one bf16 unit (it truncates, e.g. 0.8320 -> 0.8281 instead of 0.8320).
 
-Why this project meets it: its kernels' bf16 paths cannot be checked in the interpreter. The op's tests run them
-in fp16 there (the same kernel code with another 16-bit dtype), the bf16 paths on a GPU (bench/gpu_session.sh),
-and the weights kernel takes float32 operands for bf16 inputs under the interpreter
-(emim_triton/triton_backend.py: weights_kernel_dtype).
+Why this project meets it: its tensor-core kernels' bf16 paths cannot be checked in the interpreter. The op's
+tests run them in fp16 there (the same kernel code with another 16-bit dtype), and the bf16 paths on a GPU
+(bench/gpu_session.sh).
 """
 
 import os

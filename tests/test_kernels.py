@@ -150,3 +150,40 @@ def test_weights_kernel_compiles_for_sm90_to_tensor_core_products_without_spills
     assert sm90.spills == 0, f"{sm90.spills} B of spills per thread"
     for product in ("tl.dot(w1c, tl.trans(a)", "tl.dot(w2ct, tl.trans(g)", "dw1 = tl.dot(", "dw2t = tl.dot("):
         assert any(product in text for text in products), (product, products)
+
+
+def _weights_kernel_sums(a, g, w1, b1, w2, operand):
+    """dW1, db1, dW2 as the weights kernel forms them (kernels/backward_weights.py), in float64 arithmetic, after
+    rounding its operands as `operand` says ("exact": no rounding)."""
+    from emim_triton.tensor_core_backward import round_to_tf32
+
+    rounded = {"exact": lambda x: x, "float16": lambda x: x.half().double(), "bfloat16": lambda x: x.bfloat16().double(),
+               "tf32": lambda x: round_to_tf32(x.float()).double()}[operand]
+    z = rounded(a) @ rounded(w1).T + b1
+    s = torch.sigmoid(1.702 * z)
+    dz = (rounded(g) @ rounded(w2)) * (s + 1.702 * z * s * (1 - s))
+    return rounded(dz).T @ rounded(a), dz.sum(0), rounded(g).T @ rounded(z * s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_weights_kernel_operands_keep_its_sums_within_the_bound(dtype):
+    """The weights kernel's operands (triton_backend.mlp_operand), their rounding emulated in float64 on affinity
+    rows and upstream gradients like the op's: dW1, db1, dW2 stay within the floor of the op's 16-bit bound
+    (2^-10) of the exact sums. bf16 operands would not, which is why bf16 inputs take tf32 (this is what caught
+    it, without a GPU: the interpreter cannot multiply bf16)."""
+    from emim_triton.reference import affinities, gather_windows
+    from emim_triton.testing import TF32_ALLOWANCE
+    from emim_triton.triton_backend import mlp_operand
+
+    B, T, H, W, heads, D, K = 1, 3, 6, 6, 2, 32, 5
+    x = {n: t.double() for n, t in make_inputs(B, T, H, W, heads, D, K, dtype=dtype, device="cpu", seed=3).items()}
+    q, k = (x[n].reshape(B * T, H, W, heads, D) for n in ("q", "k"))
+    a = affinities(q[:-1], gather_windows(k[1:], K, 1e-6), x["rpb"], D ** -0.5).reshape(-1, K * K)
+    g = torch.randn(a.shape[0], D, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype).double()
+    exact = _weights_kernel_sums(a, g, x["w1"], x["b1"], x["w2"], "exact")
+    for name, got, want in zip(("dW1", "db1", "dW2"), _weights_kernel_sums(a, g, x["w1"], x["b1"], x["w2"],
+                                                                          mlp_operand(dtype)), exact):
+        assert relative_error(got, want) <= TF32_ALLOWANCE, name
+    if dtype == torch.bfloat16:
+        coarse = _weights_kernel_sums(a, g, x["w1"], x["b1"], x["w2"], "bfloat16")
+        assert relative_error(coarse[0], exact[0]) > TF32_ALLOWANCE

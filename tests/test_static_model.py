@@ -139,7 +139,7 @@ def test_trip_counts_come_from_the_emim_kernels_source_at_the_shape():
         "forward": [k2, -(-hidden // 64)],  # shipped hidden chunk 64
         "backward_query": [k2, -(-hidden // 16), k2],  # hidden chunk 16
         "backward_key_value": [1, k2],  # key sources (2 for direction "prev": key frame 0's two), offsets
-        "backward_weights": [-(-(-(-rows // 64)) // 128)],  # cdiv(row blocks of 64, 128 programs)
+        "backward_weights": [-(-(-(-rows // 32)) // 128)],  # cdiv(row blocks of 32, 128 programs)
     }
 
 

@@ -323,7 +323,7 @@ def _time_candidate(kernel, cfg, shape, dtype, heuristic, tensors: _DeviceTensor
     except OutOfResources as e:
         return Trial(kernel, cfg, None, f"does not fit: {e}")
     except Exception as e:  # a compile error: report it, try the next candidate
-        return Trial(kernel, cfg, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return Trial(kernel, cfg, None, _failed(e))
     spills = getattr(compiled, "n_spills", 0) or 0
     if spills and cfg != getattr(heuristic, kernel):  # spilling configs are slow; the heuristic is timed as the baseline
         return Trial(kernel, cfg, None, f"spills {spills} B of registers")
@@ -365,8 +365,7 @@ def time_strategies(result: TuneResult, tensors: "_DeviceTensors", warmup_ms: fl
             tensor_core_ms = sum(float(triton.testing.do_bench(launch, warmup=warmup_ms, rep=rep_ms,
                                                                return_mode="median")) for launch in launches)
         except Exception as e:  # a kernel that does not compile or fit here: keep the offset loop, say why
-            trials[kind] = StrategyTrial(offset_ms, None, note=f"failed: {type(e).__name__}: "
-                                                                f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+            trials[kind] = StrategyTrial(offset_ms, None, note=_failed(e))
             continue
         trials[kind] = StrategyTrial(offset_ms, tensor_core_ms)
     return trials
@@ -397,6 +396,12 @@ def choose_strategies(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs
         trials[kind].chosen = "tensor_core"
         trials[kind].note = "faster, and the same results"
     return chosen
+
+
+def _failed(e: Exception) -> str:
+    """A trial's note for a launch that raised: the exception's type and first line."""
+    first_line = (str(e).splitlines() or [""])[0]
+    return f"failed: {type(e).__name__}: {first_line[:200]}"
 
 
 def check_same_results(shape: EMIMShape, dtype: torch.dtype, configs: EMIMConfigs, reference: EMIMConfigs,

@@ -23,8 +23,8 @@ import torch
 from .checks import EMIMShape
 from .launch_configs import padded_head_dim
 from .kernels.backward_query_tensor_core import emim_backward_query_tensor_core_kernel
-from .tensor_core_forward import (TensorCoreConfig, default_tensor_core_config, halo_geometry, table_device,
-                                  window_entries, window_pad_side)
+from .tensor_core_forward import (TensorCoreConfig, default_tensor_core_config, halo_geometry, tile_window_entries,
+                                  window_pad_side)
 from .tensor_core_forward import supports as forward_supports
 from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision, stand_in_qkv
 
@@ -87,13 +87,11 @@ def backward_query_tensor_core_launch(q, k, v, rpb, w1, b1, w2, grad_pairs, lse,
                          "(triton_backend.contiguous_parameters)")
     w1p, w1t, b1p, w2p = pack_mlp(w1, b1, w2, shape, cfg, dot_precision(q.dtype))
     # Pass 2 reads dA back at each (query, halo slot) by the slot's window entry.
-    entries = window_entries(cfg.tile_h, cfg.tile_w, halo["HALO_H"], halo["HALO_W"], shape.window, False,
-                             table_device(q))
+    entries = tile_window_entries(cfg, shape.window, False, q)
     return KernelLaunch(
         emim_backward_query_tensor_core_kernel, grid,
         dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, entry_ptr=entries, w1_ptr=w1p, w1t_ptr=w1t, b1_ptr=b1p,
-             w2_ptr=w2p,
-             grad_ptr=grad_pairs, lse_ptr=lse, dq_ptr=dq, affinity_ptr=affinity, d_affinity_ptr=d_affinity,
+             w2_ptr=w2p, grad_ptr=grad_pairs, lse_ptr=lse, dq_ptr=dq, affinity_ptr=affinity, d_affinity_ptr=d_affinity,
              **_strides("q", q), **_strides("k", k), **_strides("v", v),
              T=shape.frames, H=shape.height, W=shape.width, HEADS=shape.heads, D=shape.head_dim,
              num_pairs=pairs, key_frame_offset=variant.key_frame_offset(shape),

@@ -132,10 +132,11 @@ def window_entries(tile_h: int, tile_w: int, halo_h: int, halo_w: int, window: i
     return torch.where(inside, i * window + j, -1).to(torch.int32).contiguous()
 
 
-def table_device(t: torch.Tensor) -> torch.device:
-    """Where a launch's geometry table lives: with `t`, or on the CPU for a launch on meta tensors (compiling,
-    timing), which needs real indices (the tuner moves them to its GPU)."""
-    return torch.device("cpu") if t.device.type == "meta" else t.device
+def tile_window_entries(cfg: TensorCoreConfig, window: int, mirrored: bool, like: torch.Tensor) -> torch.Tensor:
+    """`window_entries` of `cfg`'s tile and halo, beside `like`: on its device, or on the CPU for a launch on meta
+    tensors (compiling, timing), which needs real indices (the tuner moves them to its GPU)."""
+    device = torch.device("cpu") if like.device.type == "meta" else like.device
+    return window_entries(cfg.tile_h, cfg.tile_w, *cfg.halo(window), window, mirrored, device)
 
 
 def bias_table(rpb: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
@@ -212,8 +213,7 @@ def forward_tensor_core(q, k, v, rpb, w1, b1, w2, b2, shape: EMIMShape, scale: f
     """Like `triton_backend.forward`: (out, lse). out: q's dtype, contiguous (B, T, H, W, heads, D) including
     the copied last frame; lse: (B, pairs, H, W, heads) float32 log-sum-exp of each affinity row, or None."""
     cfg = cfg or default_tensor_core_config(shape)
-    entries = window_entries(cfg.tile_h, cfg.tile_w, *cfg.halo(shape.window), shape.window, False, rpb.device)
-    bias = bias_table(rpb, entries)  # both repack the parameters, whatever their strides
+    bias = bias_table(rpb, tile_window_entries(cfg, shape.window, False, rpb))  # both repack the parameters, whatever their strides
     w1p, b1p, w2p, b2p = pack_mlp(w1, b1, w2, b2, shape, cfg, q.dtype)
     B, T, H, W, heads, D = q.shape
     out = triton_backend.new_buffer((B, T, H, W, heads, D), q.dtype, q.device)

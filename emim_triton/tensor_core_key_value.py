@@ -20,7 +20,7 @@ from .checks import EMIMShape
 from .launch_configs import padded_head_dim
 from .kernels.backward_key_value_tensor_core import emim_backward_key_value_tensor_core_kernel
 from .tensor_core_forward import (LOG2E, TensorCoreConfig, bias_table, default_tensor_core_config, halo_geometry,
-                                  table_device, window_entries)
+                                  tile_window_entries)
 from .tensor_core_forward import supports as forward_supports
 from .triton_backend import DEFAULT_VARIANT, KernelLaunch, Variant, _strides, dot_precision, stand_in_qkv
 
@@ -56,8 +56,7 @@ def backward_key_value_tensor_core_launch(q, k, rpb, grad_pairs, lse, d_affinity
                    ("dk", dk), ("dv", dv)):
         if not t.is_contiguous():  # the kernel indexes these by raw offsets
             raise ValueError(f"{name}: {arg} must be contiguous (as triton_backend.backward makes it)")
-    entries = window_entries(cfg.tile_h, cfg.tile_w, halo["HALO_H"], halo["HALO_W"], shape.window, True,
-                             table_device(rpb))
+    entries = tile_window_entries(cfg, shape.window, True, rpb)
     return KernelLaunch(
         emim_backward_key_value_tensor_core_kernel, grid,
         dict(q_ptr=q, k_ptr=k, entry_ptr=entries, bias_ptr=bias_table(rpb, entries), grad_ptr=grad_pairs,

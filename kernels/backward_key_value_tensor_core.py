@@ -33,7 +33,7 @@ tf32 split. float32 inputs ("ieee" dots) take one exact product each.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, context_channel_mask, halo_block_positions, head_of_frame, split, split_dot, split_to
+from .common import LOG2E, context_channel_mask, halo_block_positions, halo_tile, head_of_frame, split, split_dot, split_to
 
 
 @triton.jit
@@ -78,22 +78,16 @@ def emim_backward_key_value_tensor_core_kernel(
     b = pid_key // num_key_frames
     tk = first_key_frame + pid_key % num_key_frames
     tq = tk - key_frame_offset
-    tiles_w = tl.cdiv(W, TILE_W)
-    y0 = (pid_tile // tiles_w) * TILE_H
-    x0 = (pid_tile % tiles_w) * TILE_W
-
+    y0, x0, ty, tx, key_valid = halo_tile(pid_tile, H, W, TILE_H, TILE_W)
     keys = tl.arange(0, TILE)
-    ty = keys // TILE_W
-    tx = keys % TILE_W
     ky = y0 + ty
     kx = x0 + tx
-    key_valid = (ky < H) & (kx < W)
     channels = tl.arange(0, BLOCK_D)
     channel_ok = channels < D
 
     k_frame = head_of_frame(k_ptr, b, tk, head, stride_kb, stride_kt, stride_kn)
     q_frame = head_of_frame(q_ptr, b, tq, head, stride_qb, stride_qt, stride_qn)
-    # Out-of-frame keys are loaded as 0: their P and dA are masked to 0 and their rows are not stored.
+    # Out-of-frame keys are loaded as 0; whatever their dk and dv rows accumulate is never stored.
     k = tl.load(k_frame + ky[:, None] * stride_ky + kx[:, None] * stride_kx + channels[None, :],
                 mask=key_valid[:, None] & channel_ok[None, :], other=0.0)
     # The per-pair tensors (grad, lse, dA rows) are contiguous (B, pairs, H, W, heads, ...).

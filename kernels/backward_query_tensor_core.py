@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, context_channel_mask, fast_quick_gelu_and_grad, frame_pair, halo_block_positions,
-                     head_of_frame, round_to_tf32, split, split_dot, split_to)
+                     halo_tile, head_of_frame, round_to_tf32, split, split_dot, split_to)
 
 
 @triton.jit
@@ -98,16 +98,10 @@ def emim_backward_query_tensor_core_kernel(
 
     pid_tile, head, pid_pair = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, tq, tk = frame_pair(pid_pair, num_pairs, key_frame_offset)
-    tiles_w = tl.cdiv(W, TILE_W)
-    y0 = (pid_tile // tiles_w) * TILE_H
-    x0 = (pid_tile % tiles_w) * TILE_W
-
+    y0, x0, ty, tx, query_valid = halo_tile(pid_tile, H, W, TILE_H, TILE_W)
     queries = tl.arange(0, TILE)
-    ty = queries // TILE_W
-    tx = queries % TILE_W
     qy = y0 + ty
     qx = x0 + tx
-    query_valid = (qy < H) & (qx < W)
     channels = tl.arange(0, BLOCK_D)
     channel_ok = channels < D
     query_mask = query_valid[:, None] & channel_ok[None, :]

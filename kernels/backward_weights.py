@@ -14,8 +14,9 @@ bit-identical run after run (no atomics).
 Why the products are written transposed, (chunk, rows): z^T = W1c a^T and dz^T = W2c^T g^T come out of the
 tensor cores in the layout that dW1 = dz^T a and dW2^T = h^T g take as their register operand, so a and g
 are staged in shared memory once per row block and read there in both orientations, with no transposed copy
-of a (rows, chunk) tile. The MLP operands are the activations' dtype (fp16/bf16 inputs: 16-bit operands,
-float32 accumulation, the fast QuickGELU), or float32 with exact "ieee" products for float32 inputs.
+of a (rows, chunk) tile. The MLP operands (triton_backend.mlp_operand): fp16 for fp16 inputs, tf32 for bf16
+(bf16 operands are too coarse for these sums), float32 with exact "ieee" products for float32; float32
+accumulation, and the fast QuickGELU except for exact products.
 """
 
 import triton
@@ -43,7 +44,7 @@ def emim_backward_weights_kernel(
     rows, D, programs, steps,
     WINDOW: tl.constexpr, WINDOW_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, HIDDEN_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands; 16-bit operands ignore it
+    DOT_PRECISION: tl.constexpr,  # "tf32" with tf32 operands, "ieee" with float32 ones; fp16 operands ignore it
     OPERAND: tl.constexpr,        # the MLP operands: "float16", "tf32" or "float32" (exact products)
 ):
     WINDOW_AREA: tl.constexpr = WINDOW * WINDOW

@@ -50,6 +50,19 @@ def tile_positions(pid_tile, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def halo_tile(pid_tile, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """For the tensor-core kernels: the corner (y0, x0) of spatial tile `pid_tile` (row-major), the offsets
+    (ty, tx) of its TILE_H * TILE_W positions in it, and which of them lie in the frame."""
+    tiles_w = tl.cdiv(W, TILE_W)
+    y0 = (pid_tile // tiles_w) * TILE_H
+    x0 = (pid_tile % tiles_w) * TILE_W
+    positions = tl.arange(0, TILE_H * TILE_W)
+    ty = positions // TILE_W
+    tx = positions % TILE_W
+    return y0, x0, ty, tx, (y0 + ty < H) & (x0 + tx < W)
+
+
+@triton.jit
 def halo_block_positions(block_slots, first_row, y0, x0, H, W, RADIUS: tl.constexpr, HALO_W: tl.constexpr,
                          USED_H: tl.constexpr, USED_W: tl.constexpr):
     """For the tensor-core kernels' halo, held as slots (hy, hx) = frame position (y0 - r + hy, x0 - r + hx):
@@ -141,7 +154,7 @@ QUICK_GELU_LOG2 = tl.constexpr(-1.702 * 1.4426950408889634)  # sigmoid(1.702 z) 
 @triton.jit
 def fast_quick_gelu_and_grad(z):
     """(QuickGELU(z), QuickGELU'(z)) from one exp2 and one fast division (2 ulp), for the kernels with 16-bit
-    MLP operands, where the precise forms (`tl.sigmoid`: exp with range handling and an IEEE division, ~12
+    or tf32 MLP operands, where the precise forms (`tl.sigmoid`: exp with range handling and an IEEE division, ~12
     instructions an element) were most of the floating-point work.
 
     s = sigmoid(1.702 z) = 1 / (1 + 2^(-1.702 log2(e) z)); QuickGELU'(z) = s + 1.702 z s (1 - s), with

@@ -29,7 +29,7 @@ approximate ones (tl.fdiv, ieee_rounding=False: a reciprocal and a multiply, 2 u
 import triton
 import triton.language as tl
 
-from .common import QUICK_GELU_LOG2, context_channel_mask, frame_pair, halo_block_positions, head_of_frame
+from .common import QUICK_GELU_LOG2, context_channel_mask, frame_pair, halo_block_positions, halo_tile, head_of_frame
 
 LN2 = tl.constexpr(0.6931471805599453)  # turns base-2 logarithms back into natural ones
 
@@ -59,14 +59,10 @@ def emim_forward_tensor_core_kernel(
 
     pid_tile, head, pid_pair = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, tq, tk = frame_pair(pid_pair, num_pairs, key_frame_offset)
-    tiles_w = tl.cdiv(W, TILE_W)
-    y0 = (pid_tile // tiles_w) * TILE_H
-    x0 = (pid_tile % tiles_w) * TILE_W
-
+    y0, x0, ty, tx, query_valid = halo_tile(pid_tile, H, W, TILE_H, TILE_W)
     queries = tl.arange(0, TILE)
-    qy = y0 + queries // TILE_W
-    qx = x0 + queries % TILE_W
-    query_valid = (qy < H) & (qx < W)
+    qy = y0 + ty
+    qx = x0 + tx
     channels = tl.arange(0, BLOCK_D)
     channel_ok = channels < D
 
@@ -82,8 +78,8 @@ def emim_forward_tensor_core_kernel(
     WINDOW_SIDE: tl.constexpr = WINDOW_PAD_SIDE
     side = tl.arange(0, WINDOW_SIDE)
     side = tl.where(side < WINDOW, side, 0)
-    window_row = (queries // TILE_W)[:, None] + side[None, :]  # (TILE, side): halo row of window row i
-    window_col = (queries % TILE_W)[:, None, None] + side[None, None, :]  # (TILE, 1, side): halo column of j
+    window_row = ty[:, None] + side[None, :]  # (TILE, side): halo row of window row i
+    window_col = tx[:, None, None] + side[None, None, :]  # (TILE, 1, side): halo column of j
     # In base 2 (the host folded ln 2 into W1).
     a_window = tl.zeros((TILE, WINDOW_SIDE, WINDOW_SIDE), dtype=tl.float32)
 
